@@ -1,0 +1,80 @@
+"""The bundled default corpus (State of the Union speeches) and a reader for JSONL documents.
+
+`BUNDLED` names the two bundled splits; `iter_documents` reads any `.jsonl`, `.jsonl.xz` or
+`.jsonl.gz` file of `{"id": ..., "text": ...}` objects. See README.md beside this file for
+provenance, the split rule and how to rebuild the data.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+from collections.abc import Iterator
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+BUNDLED: dict[str, Path] = {
+    "train": _HERE / "sotu_train.jsonl.xz",
+    "heldout": _HERE / "sotu_heldout.jsonl.xz",
+}
+
+
+def _open_binary(path: Path):
+    name = path.name
+    if name.endswith(".jsonl.xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".jsonl.gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".jsonl"):
+        return open(path, "rb")
+    raise ValueError(f"{path}: expected a .jsonl, .jsonl.xz or .jsonl.gz file")
+
+
+def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
+    """Yield (id, text) for each line of a JSONL file (optionally xz- or gzip-compressed).
+
+    Blank lines are skipped; every other line must be a JSON object with a string "text";
+    "id" is optional (a string, defaulting to "<file name>:<line number>"); other fields are
+    ignored. Raises ValueError
+    naming the file and line for a malformed line, and the byte offset for invalid UTF-8.
+    """
+    path = Path(path)
+    with _open_binary(path) as f:
+        offset = 0  # byte offset of the current line in the (decompressed) file
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                doc = _parse_line(path, lineno, offset, raw)
+                offset += len(raw)
+                if doc is not None:
+                    yield doc
+        except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as e:
+            raise ValueError(
+                f"{path}: corrupt compressed data after line {lineno}: {e}"
+            ) from e
+
+
+def _parse_line(path: Path, lineno: int, offset: int, raw: bytes) -> tuple[str, str] | None:
+    """(id, text) of one line; None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}:{lineno}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte offset "
+            f"{offset + e.start} (byte {e.start} of the line)"
+        ) from e
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{lineno}: field 'text' must be a string, got {text!r:.40}")
+    doc_id = obj.get("id", f"{path.name}:{lineno}")
+    if not isinstance(doc_id, str):
+        raise ValueError(f"{path}:{lineno}: field 'id' must be a string, got {doc_id!r:.40}")
+    return doc_id, text

@@ -1,0 +1,70 @@
+"""Per-document preparation for packing, shared by the Grain loader and its tests (numpy only).
+
+The batch contract (docs/architecture.md, "Batches"): the metadata the model sees at position i
+of a segment are the tags of target token `i - 1 + shift` of the same segment, NONE outside it.
+
+A document longer than `seq_len` is first split into pieces of at most `seq_len`; every piece is
+its own segment (input starts with BOS = 0, positions restart at 0) and the shift is applied
+within the piece, so tags never cross a segment boundary. The SeqIO feature converter
+(`seqio_features.py`) follows the same rule.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PAD_ID = 0
+NONE_ID = 1  # tag vocabularies: "no word" (BOS, EOS, outside the segment)
+BOS_INPUT_ID = 0  # T5X/SeqIO convention: decoder input of a segment's first position
+
+
+def split_document(doc_FxL: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Splits a [F, L] document into consecutive [F, <= seq_len] pieces."""
+    length = doc_FxL.shape[1]
+    return [doc_FxL[:, start:start + seq_len] for start in range(0, length, seq_len)]
+
+
+def shift_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
+    """Tags seen at input position i: those of target `i - 1 + shift`, NONE outside [0, N)."""
+    k, n = tags_KxN.shape
+    out_KxN = np.full((k, n), NONE_ID, dtype=np.int32)
+    offset = 1 - shift  # out[i] = tags[i - offset]
+    if offset >= 0:
+        if offset < n:
+            out_KxN[:, offset:] = tags_KxN[:, :n - offset]
+    elif -offset < n:
+        out_KxN[:, :n + offset] = tags_KxN[:, -offset:]
+    return out_KxN
+
+
+def piece_columns(piece_FxN: np.ndarray, tag_rows: list[int], shift: int) -> np.ndarray:
+    """One segment as an [N, 2 + K] array: target tokens, input tokens, then K metadata inputs.
+
+    Row 0 of `piece_FxN` is `targets`; `tag_rows` selects the tag features to feed the model.
+    """
+    targets_N = piece_FxN[0]
+    n = targets_N.shape[0]
+    cols_CxN = np.empty((2 + len(tag_rows), n), dtype=np.int32)
+    cols_CxN[0] = targets_N
+    cols_CxN[1, 0] = BOS_INPUT_ID
+    cols_CxN[1, 1:] = targets_N[:-1]
+    if tag_rows:
+        cols_CxN[2:] = shift_tags(piece_FxN[tag_rows], shift)
+    return np.ascontiguousarray(cols_CxN.T)
+
+
+def columns_to_batch(packed_BxLxC: np.ndarray, segment_ids_BxL: np.ndarray,
+                     positions_BxL: np.ndarray, tag_names: list[str]) -> dict[str, np.ndarray]:
+    """Packed [B, L, 2 + K] columns -> the batch contract's `decoder_*` arrays (int32 [B, L])."""
+    segment_ids_BxL = segment_ids_BxL.astype(np.int32)
+    real_BxL = segment_ids_BxL > 0
+    batch = {
+        "decoder_target_tokens": packed_BxLxC[..., 0],
+        "decoder_input_tokens": packed_BxLxC[..., 1],
+        "decoder_segment_ids": segment_ids_BxL,
+        # Packers leave positions of padding unspecified; the contract wants 0 there.
+        "decoder_positions": np.where(real_BxL, positions_BxL, 0).astype(np.int32),
+        "decoder_loss_weights": real_BxL.astype(np.int32),
+    }
+    for k, name in enumerate(tag_names):
+        batch[f"decoder_input_{name}"] = packed_BxLxC[..., 2 + k]
+    return {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in batch.items()}

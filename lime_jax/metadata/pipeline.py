@@ -1,0 +1,91 @@
+"""Text -> aligned features: annotate, tokenize, align, append EOS.
+
+One document becomes an int32 array of shape [3, L]: `targets` (piece ids), `targets_pos` and
+`targets_ner` (tag ids), EOS last (tags NONE). Tags are stored unshifted; LIME+1 shifts them
+when batches are built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from lime_jax.metadata import align
+from lime_jax.metadata.annotate import AnnotatedDoc, Annotator
+from lime_jax.metadata.spm import EOS_ID, Tokenizer
+from lime_jax.metadata.vocab import NONE_ID, TagVocab
+
+FEATURES = ("targets", "targets_pos", "targets_ner")
+
+
+@dataclasses.dataclass
+class Stats:
+    documents: int = 0
+    empty_documents: int = 0
+    words: int = 0
+    pieces: int = 0
+
+    def add(self, other: "Stats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class DocumentProcessor:
+    """Turns texts into aligned feature arrays with one annotator and one SentencePiece model."""
+
+    def __init__(self, annotator: Annotator, spm_model: str, tokenization: str = "lime"):
+        if tokenization not in align.TOKENIZATIONS:
+            raise ValueError(f"unknown tokenization {tokenization!r}; choose one of {align.TOKENIZATIONS}")
+        self.annotator = annotator
+        self.tokenizer = Tokenizer(spm_model)
+        self.tokenization = tokenization
+        self.pos_vocab, self.ner_vocab = annotator.vocabularies()
+
+    @property
+    def vocabularies(self) -> dict[str, TagVocab]:
+        return {"targets_pos": self.pos_vocab, "targets_ner": self.ner_vocab}
+
+    def align(self, text: str, doc: AnnotatedDoc) -> np.ndarray:
+        """The [3, L] features of one annotated text, EOS included."""
+        tag_ids = [doc.pos, doc.ner]
+        if self.tokenization == "lime":
+            words = [text[s:e] for s, e in zip(doc.starts.tolist(), doc.ends.tolist())]
+            per_word = self.tokenizer.encode_words(words, align.attached_flags(text, doc.starts))
+            ids, tags = align.lime_pieces(per_word, self.tokenizer.has_content, tag_ids)
+        else:
+            ids, begins, ends = self.tokenizer.encode_with_offsets(text)
+            tags = align.align_plain(text, begins, ends, self.tokenizer.has_content[ids],
+                                     doc.starts, doc.ends, tag_ids)
+        out = np.empty((len(FEATURES), len(ids) + 1), np.int32)
+        out[0, :-1] = ids
+        out[1, :-1], out[2, :-1] = tags
+        out[:, -1] = (EOS_ID, NONE_ID, NONE_ID)
+        return out
+
+    def process(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], Stats]:
+        """Features of each text; None for empty (or whitespace-only) documents, which are skipped."""
+        stats = Stats(documents=len(texts))
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        docs = self.annotator.annotate([texts[i] for i in keep])
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for i, doc in zip(keep, docs):
+            features = self.align(texts[i], doc)
+            if features.shape[1] == 1:  # text that normalises to nothing (e.g. control chars only)
+                continue
+            out[i] = features
+            stats.words += doc.num_words
+            stats.pieces += features.shape[1] - 1
+        stats.empty_documents = sum(o is None for o in out)
+        return out, stats
+
+
+def check_invariants(features: np.ndarray, vocab_sizes: Sequence[int]) -> None:
+    """Raises ValueError if a row breaks an invariant of the cache format."""
+    if features.ndim != 2 or features.shape[0] != len(vocab_sizes):
+        raise ValueError(f"features must have shape [{len(vocab_sizes)}, L], got {features.shape}")
+    for name, row, size in zip(FEATURES, features, vocab_sizes):
+        if (row == 0).any():
+            raise ValueError(f"{name}: id 0 (PAD) inside a document")
+        if (row < 0).any() or (row >= size).any():
+            raise ValueError(f"{name}: id outside vocabulary of size {size}")

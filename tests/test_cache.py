@@ -1,0 +1,141 @@
+"""The ArrayRecord cache: round trip, and clear errors for damaged or mismatched caches."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lime_jax.data import cache
+
+SIZES = {"targets": 500, "targets_pos": 52, "targets_ner": 39}
+
+
+def _docs(n=7, seed=0):
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        length = int(rng.integers(1, 40))
+        docs.append(np.stack([rng.integers(2, 500, length), rng.integers(1, 52, length),
+                              rng.integers(1, 39, length)]).astype(np.int32))
+    return docs
+
+
+@pytest.fixture
+def built(tmp_path):
+    docs = _docs()
+    cache.write_cache(str(tmp_path), docs, SIZES, docs_per_shard=3)
+    return str(tmp_path), docs
+
+
+def test_round_trip(built):
+    d, docs = built
+    manifest = cache.verify_cache(d, SIZES, check_records=True)
+    assert [s["num_records"] for s in manifest["shards"]] == [3, 3, 1]
+    assert not [n for n in os.listdir(d) if n.startswith(".")]  # no temp files left behind
+    got = []
+    for path in cache.shard_paths(d, manifest):
+        reader = cache.open_reader(path)
+        got += [cache.read_document(r, 3).copy() for r in reader.read_all()]
+        reader.close()
+    assert len(got) == len(docs)
+    for a, b in zip(got, docs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_write_shard_rejects_pad_and_ragged(tmp_path):
+    with pytest.raises(cache.CacheError, match="document 1.*0 is PAD"):
+        cache.write_shard(str(tmp_path), 0, [np.ones((3, 4), np.int32), np.zeros((3, 2), np.int32)])
+    with pytest.raises(cache.CacheError, match="has 2 features"):
+        cache.write_shard(str(tmp_path), 0, [np.ones((3, 4), np.int32), np.ones((2, 2), np.int32)])
+    assert not os.path.exists(tmp_path / "shard-00000.array_record")
+
+
+def _shard(d, k=1):
+    return os.path.join(d, f"shard-{k:05d}.array_record")
+
+
+@pytest.mark.parametrize("check_hashes", [True, False])
+def test_truncated_shard(built, check_hashes):
+    d, _ = built
+    data = open(_shard(d), "rb").read()
+    open(_shard(d), "wb").write(data[: len(data) // 2])
+    with pytest.raises(cache.CacheError, match="shard-00001.array_record"):
+        cache.verify_cache(d, check_hashes=check_hashes)
+
+
+def test_corrupt_shard(built):
+    d, _ = built
+    data = bytearray(open(_shard(d), "rb").read())
+    data[100] ^= 0xFF
+    open(_shard(d), "wb").write(bytes(data))
+    with pytest.raises(cache.CacheError, match=r"shard-00001.*sha256"):
+        cache.verify_cache(d)
+    with pytest.raises(cache.CacheError, match=r"shard-00001.*corrupt"):
+        cache.verify_cache(d, check_hashes=False, check_records=True)
+
+
+def test_missing_and_stray_shards(built, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("aside")
+    d, docs = built
+    os.rename(_shard(d, 2), tmp_path / "elsewhere")
+    with pytest.raises(cache.CacheError, match=r"shard-00002.array_record: shard listed.*missing"):
+        cache.verify_cache(d)
+    os.rename(tmp_path / "elsewhere", _shard(d, 2))
+    cache.write_shard(d, 3, docs[:1])  # left over from another run
+    with pytest.raises(cache.CacheError, match=r"manifest.json.*'shards'.*shard-00003"):
+        cache.verify_cache(d)
+
+
+def _edit_manifest(d, fn):
+    path = os.path.join(d, "manifest.json")
+    m = json.load(open(path))
+    fn(m)
+    json.dump(m, open(path, "w"))
+
+
+def test_manifest_does_not_match_shards(built):
+    d, _ = built
+    _edit_manifest(d, lambda m: m["shards"][0].update(num_records=4))
+    with pytest.raises(cache.CacheError, match=r"shard-00000.*holds 3 records.*num_records"):
+        cache.verify_cache(d, check_hashes=False)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m.update(format="other"), "'format'"),
+    (lambda m: m["vocab_sizes"].pop("targets_ner"), "'vocab_sizes'"),
+    (lambda m: m["shards"][1].update(sha256="xyz"), r"'shards\[1\].sha256'"),
+    (lambda m: m.update(features=["targets_pos"]), "'features'"),
+])
+def test_malformed_manifest(built, edit, field):
+    d, _ = built
+    _edit_manifest(d, edit)
+    with pytest.raises(cache.CacheError, match=rf"manifest.json: field {field}"):
+        cache.load_manifest(d)
+
+
+def test_vocab_sizes_other_than_config(built):
+    d, _ = built
+    with pytest.raises(cache.CacheError, match=r"manifest.json: field 'vocab_sizes.targets_ner'.*"
+                                               r"size 39, the config asks for 21"):
+        cache.verify_cache(d, {"targets": 500, "targets_ner": 21})
+    with pytest.raises(cache.CacheError, match="'vocab_sizes.targets_dep'"):
+        cache.verify_cache(d, {"targets_dep": 40})
+
+
+def test_ids_out_of_vocab_found_by_record_check(tmp_path):
+    docs = _docs()
+    cache.write_cache(str(tmp_path), docs, {**SIZES, "targets": 100})
+    with pytest.raises(cache.CacheError, match=r"record \d+, feature 'targets'.*\[1, 100\)"):
+        cache.verify_cache(str(tmp_path), check_records=True)
+
+
+def test_missing_dir_and_manifest(tmp_path):
+    with pytest.raises(cache.CacheError, match="does not exist"):
+        cache.load_manifest(str(tmp_path / "nope"))
+    with pytest.raises(cache.CacheError, match="manifest not found"):
+        cache.load_manifest(str(tmp_path))
+
+
+def test_read_document_rejects_bad_length():
+    with pytest.raises(cache.CacheError, match="not an int32 array of 3 features"):
+        cache.read_document(b"\x01\x00\x00\x00" * 4, 3)
