@@ -212,21 +212,18 @@ def annotate_corpus(args) -> dict:
     seconds = time.time() - t0
 
     annotator = _PROCESSOR.annotator
-    processor_vocabs = dict(zip(("targets_pos", "targets_ner"), annotator.vocabularies()))
+    processor_vocabs = _PROCESSOR.vocabularies
     for name, vocab in processor_vocabs.items():
         vocab.save(os.path.join(out, f"vocab_{name.removeprefix('targets_')}.json"))
     shutil.copyfile(args.spm, os.path.join(out, SPM_NAME))
     totals = Stats()
     for entry in progress_entries.values():
         totals.add(Stats(**entry["stats"]))
-    from lime_jax.metadata.spm import Tokenizer
-
     manifest = {
         "format": cache_lib.FORMAT,
         "features": list(FEATURES),
         "shards": [progress_entries[k]["shard"] for k in sorted(progress_entries)],
-        "vocab_sizes": {"targets": Tokenizer(args.spm).vocab_size,
-                        **{k: v.size for k, v in processor_vocabs.items()}},
+        "vocab_sizes": _PROCESSOR.vocab_sizes,
         "vocab_files": {k: f"vocab_{k.removeprefix('targets_')}.json" for k in processor_vocabs},
         "spm_model": SPM_NAME,
         "spm_sha256": settings["spm_sha256"],

@@ -36,7 +36,7 @@ def output_features(cache_dir: str) -> dict[str, seqio.Feature]:
     features = {"targets": seqio.Feature(seqio.SentencePieceVocabulary(spm_path),
                                          add_eos=True, dtype=tf.int32)}
     vocab_files = manifest.get("vocab_files", {})
-    for name in manifest["features"][1:]:
+    for name in (f for f in manifest["features"][1:] if f.startswith("targets_")):
         vpath = os.path.join(cache_dir, vocab_files.get(
             name, f"vocab_{name.removeprefix('targets_')}.json"))
         if not os.path.isfile(vpath):
@@ -60,7 +60,10 @@ def read_cache_dataset(cache_dir: str, shuffle_files: bool = False, seed: int | 
                        check_hashes: bool = True) -> tf.data.Dataset:
     """The cache's documents as a tf.data.Dataset of {feature: int32 [L]} (EOS stripped)."""
     manifest = cache.verify_cache(cache_dir, check_hashes=check_hashes)
-    names = manifest["features"]
+    all_names = manifest["features"]
+    # Tag features only: bookkeeping features such as `subword_index` are for evaluation.
+    rows = [i for i, f in enumerate(all_names) if i == 0 or f.startswith("targets_")]
+    names = [all_names[i] for i in rows]
     paths = cache.shard_paths(cache_dir, manifest)
     if shuffle_files:
         random.Random(seed).shuffle(paths)
@@ -73,7 +76,7 @@ def read_cache_dataset(cache_dir: str, shuffle_files: bool = False, seed: int | 
             finally:
                 reader.close()
             for j, rec in enumerate(records):
-                doc = strip_eos(cache.read_document(rec, len(names), f"{path}: record {j}"),
+                doc = strip_eos(cache.read_document(rec, len(all_names), f"{path}: record {j}")[rows],
                                 f"{path}: record {j}")
                 yield dict(zip(names, doc))
 

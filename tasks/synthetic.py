@@ -44,7 +44,7 @@ def _processor(cache_dir: str):
 
 @functools.lru_cache(maxsize=16)
 def annotated_examples(kind: str, cache_dir: str, seed: int, n: int):
-    """(examples, features [3, L] without EOS) of one generator split."""
+    """(examples, features [F, L] without EOS) of one generator split."""
     examples = GENERATORS[kind](n, seed=seed)
     docs, _ = _processor(cache_dir).process([e["text"] for e in examples])
     return examples, [strip_eos(d, f"{kind} example {e['id']}") for d, e in zip(docs, examples)]

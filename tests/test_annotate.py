@@ -35,7 +35,7 @@ def _read_all(out_dir):
     docs = []
     for path in cache_lib.shard_paths(out_dir, manifest):
         reader = cache_lib.open_reader(path)
-        docs += [cache_lib.read_document(r, 3) for r in reader.read_all()]
+        docs += [cache_lib.read_document(r, len(manifest["features"])) for r in reader.read_all()]
         reader.close()
     return manifest, docs
 
@@ -48,7 +48,8 @@ def test_annotate_writes_a_verified_cache(tmp_path, corpus_file, spm_model, caps
     out = str(tmp_path / "cache")
     _run(["--input", corpus_file, "--spm", spm_model, "--out", out, "--docs-per-shard", "5"])
     manifest, docs = _read_all(out)
-    cache_lib.verify_cache(out, {"targets": spm.Tokenizer(spm_model).vocab_size, "targets_pos": 52, "targets_ner": 39})
+    cache_lib.verify_cache(out, {"targets": spm.Tokenizer(spm_model).vocab_size, "targets_pos": 52, "targets_ner": 39,
+                                "subword_index": 66})
     assert manifest["counts"]["documents"] == len(TEXTS)
     assert manifest["counts"]["empty_documents"] == 8
     assert len(docs) == manifest["counts"]["records"] == 16

@@ -57,15 +57,18 @@ def test_plain_alignment_rules():
         (10, 11, True),  # "g"      -> word 4
     ]
     b, e, c = (np.array(x) for x in zip(*pieces))
-    (got,) = align.align_plain(text, b, e, c, *words, word_tags)
+    (got,), word = align.align_plain(text, b, e, c, *words, word_tags)
     np.testing.assert_array_equal(got, [10, 10, 11, 12, NONE_ID, 14, 14])
+    np.testing.assert_array_equal(word, [0, 0, 1, 2, -1, 4, 4])
+    # Places within words: 2 = first piece, 3 = second; NONE for the piece of spaces.
+    np.testing.assert_array_equal(align.subword_index(word), [2, 3, 2, 2, NONE_ID, 2, 3])
 
 
 def test_piece_of_space_before_rewritten_char_takes_next_word():
     # NFKC turns "ﬁ" into "fi": SentencePiece emits "▁f" spanning only the space.
     text = "a ﬁne"
-    (got,) = align.align_plain(text, np.array([0, 1, 2]), np.array([1, 2, 5]), np.array([True] * 3),
-                               np.array([0, 2]), np.array([1, 5]), [_tags(5, 6)])
+    (got,), _ = align.align_plain(text, np.array([0, 1, 2]), np.array([1, 2, 5]), np.array([True] * 3),
+                                  np.array([0, 2]), np.array([1, 5]), [_tags(5, 6)])
     np.testing.assert_array_equal(got, [5, 6, 6])
 
 
@@ -119,6 +122,11 @@ def test_lime_tokenization_never_crosses_words(annotator, spm_model):
     # Every word decodes from its own pieces, and the pieces concatenated are the stream.
     assert [proc.tokenizer.decode(p).strip() for p in per_word] == [unicodedata.normalize("NFKC", w) for w in words]
     np.testing.assert_array_equal(features[0, :-1], [i for p in per_word for i in p])
+    # subword_index counts each word's pieces from 1 (stored as 1 + place; NONE for "▁" alone).
+    content = proc.tokenizer.has_content
+    expected = [1 + sum(content[q] for q in p[:j + 1]) if content[i] else NONE_ID
+                for p in per_word for j, i in enumerate(p)]
+    np.testing.assert_array_equal(features[3, :-1], np.minimum(expected, 65))
 
 
 def test_lime_and_plain_tag_every_word_piece(processor):
@@ -146,8 +154,7 @@ def test_invariants_on_generated_text(processor, text):
     if features is None:
         assert stats.empty_documents == 1
         return
-    sizes = [processor.tokenizer.vocab_size, processor.pos_vocab.size, processor.ner_vocab.size]
-    check_invariants(features, sizes)
+    check_invariants(features, list(processor.vocab_sizes.values()))
     assert features.dtype == np.int32 and features[0, -1] == EOS_ID
     assert (features[1:, -1] == NONE_ID).all()
 
@@ -162,7 +169,7 @@ def test_empty_documents_are_skipped_and_counted(processor):
 def test_megabyte_line(processor):
     text = "It starts here. " + "x" * 1_000_000 + " and ends here."
     (features,), stats = processor.process([text])
-    check_invariants(features, [processor.tokenizer.vocab_size, processor.pos_vocab.size, processor.ner_vocab.size])
+    check_invariants(features, list(processor.vocab_sizes.values()))
     assert features.shape[1] > 1_000_000 // 16  # the long word is kept, cut into pieces
 
 

@@ -11,6 +11,8 @@ import numpy as np
 from lime_jax.metadata.vocab import NONE_ID
 
 TOKENIZATIONS = ("lime", "plain")
+MAX_SUBWORD_INDEX = 64
+SUBWORD_INDEX_VOCAB = MAX_SUBWORD_INDEX + 2  # PAD, NONE, places 1..64
 
 # Code points that `str.isspace()` accepts; spaCy and SentencePiece both treat them as spaces.
 _SPACE_CODEPOINTS = np.array([c for c in range(0x3001) if chr(c).isspace()], np.uint32)
@@ -41,6 +43,19 @@ def next_non_space(text: str) -> np.ndarray:
     return np.append(nxt, n)
 
 
+def subword_index(word_of_piece: np.ndarray) -> np.ndarray:
+    """Feature `subword_index`: NONE (1) for pieces without a word, else 1 + the piece's 1-based
+    place among its word's pieces, capped at MAX_SUBWORD_INDEX."""
+    n = len(word_of_piece)
+    has_word = word_of_piece >= 0
+    prev = np.concatenate([[-2], word_of_piece[:-1]]) if n else word_of_piece
+    starts = (word_of_piece != prev) | ~has_word
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else word_of_piece
+    # Pieces without a word inside a word's run (none in practice) do not count as places.
+    place = np.arange(n) - run_start + 1
+    return np.where(has_word, np.minimum(place, MAX_SUBWORD_INDEX) + 1, NONE_ID).astype(np.int32)
+
+
 def align_plain(
     text: str,
     piece_begins: np.ndarray,
@@ -50,7 +65,7 @@ def align_plain(
     word_ends: np.ndarray,
     word_tag_ids: list[np.ndarray],
 ) -> list[np.ndarray]:
-    """Tags of each piece of an ordinary SentencePiece encoding of `text`.
+    """Tags of each piece of an ordinary SentencePiece encoding of `text`, and its word (-1: none).
 
     A piece's anchor is its first non-space character at or after its begin; pieces whose
     span is empty (the leading bytes of a byte-fallback character) or holds only the space
@@ -66,8 +81,9 @@ def align_plain(
     word = np.where(within & piece_has_content & (anchor < n), word_of_char[np.minimum(anchor, n)], -1)
     has_word = word >= 0
     safe = np.where(has_word, word, 0)
-    return [np.where(has_word, ids[safe] if len(ids) else NONE_ID, NONE_ID).astype(np.int32)
+    tags = [np.where(has_word, ids[safe] if len(ids) else NONE_ID, NONE_ID).astype(np.int32)
             for ids in word_tag_ids]
+    return tags, word
 
 
 def attached_flags(text: str, word_starts: np.ndarray) -> list[bool]:
@@ -80,13 +96,17 @@ def lime_pieces(
     piece_ids_per_word: list[list[int]],
     piece_has_content: np.ndarray,
     word_tag_ids: list[np.ndarray],
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """LIME tokenization: pieces never cross words, so each takes its own word's tags."""
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """LIME tokenization: pieces never cross words, so each takes its own word's tags.
+
+    Returns ids, tags and each piece's word (-1 for pieces of spaces only).
+    """
     counts = np.fromiter((len(p) for p in piece_ids_per_word), np.int64, len(piece_ids_per_word))
     ids = np.fromiter((i for p in piece_ids_per_word for i in p), np.int32, int(counts.sum()))
     content = piece_has_content[ids]
+    word = np.where(content, np.repeat(np.arange(len(counts)), counts), -1)
     tags = [np.where(content, np.repeat(t, counts), NONE_ID).astype(np.int32) for t in word_tag_ids]
-    return ids, tags
+    return ids, tags, word
 
 
 def shift_tags(tags: np.ndarray, shift: int) -> np.ndarray:

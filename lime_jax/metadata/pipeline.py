@@ -1,8 +1,9 @@
 """Text -> aligned features: annotate, tokenize, align, append EOS.
 
-One document becomes an int32 array of shape [3, L]: `targets` (piece ids), `targets_pos` and
-`targets_ner` (tag ids), EOS last (tags NONE). Tags are stored unshifted; LIME+1 shifts them
-when batches are built.
+One document becomes an int32 array of shape [4, L]: `targets` (piece ids), `targets_pos` and
+`targets_ner` (tag ids), and `subword_index` (each piece's place in its word, for cohesion
+analysis; not a model input), EOS last (NONE in the other rows). Tags are stored unshifted;
+LIME+1 shifts them when batches are built.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lime_jax.metadata.annotate import AnnotatedDoc, Annotator
 from lime_jax.metadata.spm import EOS_ID, Tokenizer
 from lime_jax.metadata.vocab import NONE_ID, TagVocab
 
-FEATURES = ("targets", "targets_pos", "targets_ner")
+FEATURES = ("targets", "targets_pos", "targets_ner", "subword_index")
 
 
 @dataclasses.dataclass
@@ -46,21 +47,27 @@ class DocumentProcessor:
     def vocabularies(self) -> dict[str, TagVocab]:
         return {"targets_pos": self.pos_vocab, "targets_ner": self.ner_vocab}
 
+    @property
+    def vocab_sizes(self) -> dict[str, int]:
+        return {"targets": self.tokenizer.vocab_size, "targets_pos": self.pos_vocab.size,
+                "targets_ner": self.ner_vocab.size, "subword_index": align.SUBWORD_INDEX_VOCAB}
+
     def align(self, text: str, doc: AnnotatedDoc) -> np.ndarray:
-        """The [3, L] features of one annotated text, EOS included."""
+        """The [4, L] features of one annotated text, EOS included."""
         tag_ids = [doc.pos, doc.ner]
         if self.tokenization == "lime":
             words = [text[s:e] for s, e in zip(doc.starts.tolist(), doc.ends.tolist())]
             per_word = self.tokenizer.encode_words(words, align.attached_flags(text, doc.starts))
-            ids, tags = align.lime_pieces(per_word, self.tokenizer.has_content, tag_ids)
+            ids, tags, word = align.lime_pieces(per_word, self.tokenizer.has_content, tag_ids)
         else:
             ids, begins, ends = self.tokenizer.encode_with_offsets(text)
-            tags = align.align_plain(text, begins, ends, self.tokenizer.has_content[ids],
-                                     doc.starts, doc.ends, tag_ids)
+            tags, word = align.align_plain(text, begins, ends, self.tokenizer.has_content[ids],
+                                           doc.starts, doc.ends, tag_ids)
         out = np.empty((len(FEATURES), len(ids) + 1), np.int32)
         out[0, :-1] = ids
         out[1, :-1], out[2, :-1] = tags
-        out[:, -1] = (EOS_ID, NONE_ID, NONE_ID)
+        out[3, :-1] = align.subword_index(word)
+        out[:, -1] = (EOS_ID, NONE_ID, NONE_ID, NONE_ID)
         return out
 
     def process(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], Stats]:

@@ -13,7 +13,7 @@ from lime_jax.metadata.pipeline import DocumentProcessor
 def show(text: str, processor: DocumentProcessor, plus_one: bool = False) -> dict:
     """Equal-length lists `pieces`, `ids`, `pos`, `ner` (tag strings), EOS last."""
     features = processor.align(text, processor.annotator.annotate([text])[0])
-    ids, pos, ner = features
+    ids, pos, ner = features[:3]
     if plus_one:
         pos, ner = align.shift_tags(pos, 1), align.shift_tags(ner, 1)
     return {
