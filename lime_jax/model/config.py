@@ -1,0 +1,108 @@
+"""Model hyper-parameters: one frozen, gin-configurable dataclass.
+
+Run configs bind fields directly (`ModelConfig.d_model = 128`); size presets live in
+gin/models/*.gin. Dtypes are strings so they read naturally in gin files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import gin
+import jax.numpy as jnp
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_MLP_ACTIVATIONS = ("gelu", "silu")  # GeGLU (Gemma) or SwiGLU (Llama)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of the decoder and its LIME embedding.
+
+    `metadata` lists the metadata tables as `(name, table_size)`; the batch feature for a table
+    named `pos` is `decoder_input_pos`. An empty tuple is the baseline: the same code with no
+    metadata tables. `head_dim=None` means `d_model // n_heads`.
+    """
+
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None
+    d_ff: int = 128
+    metadata: tuple[tuple[str, int], ...] = ()
+    metadata_weight: str = "fixed"  # "fixed" | "learned": w_d in E_tok + sum_d w_d E_d
+    metadata_weight_init: float = 1.0
+    tie_embeddings: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"  # compute dtype; softmax, logits and loss are always f32
+    rope_theta: float = 10_000.0
+    mlp_activation: str = "gelu"
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        # gin and JSON hand lists where tuples are meant; normalise so the config stays hashable.
+        meta = tuple((str(n), int(s)) for n, s in (tuple(m) for m in self.metadata))
+        object.__setattr__(self, "metadata", meta)
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
+            raise ValueError(f"ModelConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"ModelConfig head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        names = [n for n, _ in meta]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ModelConfig.metadata has duplicate table names: {names}")
+        for name, size in meta:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"ModelConfig.metadata table name {name!r} must match {_NAME_RE.pattern}")
+            if size < 2:
+                raise ValueError(f"ModelConfig.metadata table {name!r} needs size >= 2 (0 = PAD), got {size}")
+        if self.metadata_weight not in ("fixed", "learned"):
+            raise ValueError(
+                f"ModelConfig.metadata_weight must be 'fixed' or 'learned', got {self.metadata_weight!r}")
+        if self.mlp_activation not in _MLP_ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.mlp_activation must be one of {_MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        for field in ("param_dtype", "dtype"):
+            try:
+                dt = jnp.dtype(getattr(self, field))
+            except TypeError as e:
+                raise TypeError(f"ModelConfig.{field}={getattr(self, field)!r} is not a dtype") from e
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(f"ModelConfig.{field} must be a float dtype, got {dt}")
+            object.__setattr__(self, field, dt.name)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def metadata_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.metadata)
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def baseline(self) -> "ModelConfig":
+        """The same model without metadata tables (the paper's baseline arm)."""
+        return self.replace(metadata=())

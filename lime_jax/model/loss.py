@@ -1,0 +1,155 @@
+"""Next-token loss and metrics on a T5X-style decoder batch, plus a jitted sharded version.
+
+Batch features (int32 [B, L]): `decoder_input_tokens`, `decoder_target_tokens`,
+`decoder_loss_weights`, optionally `decoder_segment_ids` and `decoder_positions` (both or
+neither), and `decoder_input_<name>` for each metadata table of the model config.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lime_jax.model import sharding
+from lime_jax.model.config import ModelConfig
+from lime_jax.model.embed import check_ids
+
+METADATA_PREFIX = "decoder_input_"
+_REQUIRED = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+
+
+def metadata_from_batch(
+    cfg: ModelConfig, batch: Mapping[str, jax.Array], allow_unused_metadata: bool = False
+) -> dict[str, jax.Array]:
+    """Picks `decoder_input_<name>` for each metadata table of `cfg`.
+
+    A metadata feature in the batch that the config has no table for is an error (a LIME batch
+    fed to a baseline model is usually a config mistake) unless `allow_unused_metadata`.
+    """
+    missing = [f"{METADATA_PREFIX}{n}" for n in cfg.metadata_names if f"{METADATA_PREFIX}{n}" not in batch]
+    if missing:
+        raise ValueError(f"batch lacks metadata feature(s) {missing} required by ModelConfig.metadata="
+                         f"{cfg.metadata}; batch has {sorted(batch)}")
+    extra = [k for k in batch if k.startswith(METADATA_PREFIX) and k != "decoder_input_tokens"
+             and k[len(METADATA_PREFIX):] not in cfg.metadata_names]
+    if extra and not allow_unused_metadata:
+        raise ValueError(f"batch has metadata feature(s) {sorted(extra)} but ModelConfig.metadata="
+                         f"{cfg.metadata} has no table for them (pass allow_unused_metadata=True to drop them)")
+    return {n: batch[f"{METADATA_PREFIX}{n}"] for n in cfg.metadata_names}
+
+
+def loss_and_metrics(
+    model, batch: Mapping[str, jax.Array], *, z_loss: float = 0.0, allow_unused_metadata: bool = False
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked mean cross entropy (f32) over `decoder_loss_weights`, plus `z_loss * mean(logZ^2)`.
+
+    Metrics (f32 scalars): `loss` (cross entropy only), `loss_sum`, `z_loss`, `num_tokens`
+    (sum of weights), `num_correct` (weighted argmax hits). The returned loss is the objective
+    to differentiate (cross entropy + z-loss term).
+    """
+    for key in _REQUIRED:
+        if key not in batch:
+            raise ValueError(f"batch lacks feature {key!r}; batch has {sorted(batch)}")
+    metadata = metadata_from_batch(model.cfg, batch, allow_unused_metadata)
+    shape = tuple(batch["decoder_input_tokens"].shape)
+    targets_BxL, weights_BxL = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    check_ids("decoder_target_tokens", targets_BxL, model.cfg.vocab_size, shape=shape)
+    if tuple(weights_BxL.shape) != shape:
+        raise ValueError(f"decoder_loss_weights: expected shape {shape}, got {tuple(weights_BxL.shape)}")
+    weights_BxL = weights_BxL.astype(jnp.float32)
+    logits_BxLxV = model(
+        batch["decoder_input_tokens"], metadata=metadata,
+        segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"))
+
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    ce_sum = jnp.sum((logz_BxL - target_logit_BxL) * weights_BxL)
+    num_tokens = jnp.sum(weights_BxL)
+    denom = jnp.maximum(num_tokens, 1.0)
+    ce = ce_sum / denom
+    z_term = z_loss * jnp.sum(jnp.square(logz_BxL) * weights_BxL) / denom
+    correct = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    metrics = {
+        "loss": ce,
+        "loss_sum": ce_sum,
+        "z_loss": z_term,
+        "num_tokens": num_tokens,
+        "num_correct": jnp.sum(correct * weights_BxL),
+    }
+    return ce + z_term, metrics
+
+
+def jit_loss_fn(
+    graphdef: nnx.GraphDef,
+    state_sharding: Any,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules | None = None,
+    *,
+    with_grad: bool = True,
+    z_loss: float = 0.0,
+) -> Callable:
+    """One `jax.jit` of forward + loss (+ gradients) with in/out shardings (what pjit was).
+
+    Returns `fn(state, batch) -> (loss, metrics, grads)` (grads sharded like the params), or
+    `(loss, metrics)` when `with_grad=False`. Batch arrays are sharded over the rules' batch
+    axes; put them there with `jax.device_put(batch, sharding.batch_sharding(mesh, rules))`
+    (or `jax.make_array_from_process_local_data` on several hosts).
+    """
+    rules = sharding.resolve_rules(rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def objective(state, batch):
+        return loss_and_metrics(nnx.merge(graphdef, state), batch, z_loss=z_loss)
+
+    if with_grad:
+        def step(state, batch):
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state, batch)
+            return loss, metrics, grads
+        out_shardings = (replicated, replicated, state_sharding)
+    else:
+        step, out_shardings = objective, (replicated, replicated)
+
+    jitted = jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
+                     out_shardings=out_shardings)
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):  # activation constraints read the mesh while tracing
+            return jitted(state, batch)
+
+    return run
+
+
+def synthetic_batch(cfg: ModelConfig, batch_size: int, length: int, seed: int = 0,
+                    docs_per_row: int = 2) -> dict[str, np.ndarray]:
+    """A random packed batch in the loader's format (for tests and benchmarks).
+
+    Each row holds `docs_per_row` documents then padding: segment ids 1.., positions
+    restarting at 0, BOS (0) input at each segment start, tags NONE (1) there, and all
+    features 0 on padding. Row 0 has no padding so full-length rows are covered too.
+    """
+    rng = np.random.default_rng(seed)
+    names = ["decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+             "decoder_positions", "decoder_loss_weights"] + [METADATA_PREFIX + n for n in cfg.metadata_names]
+    batch = {k: np.zeros((batch_size, length), np.int32) for k in names}
+    for b in range(batch_size):
+        used = length if b == 0 else int(rng.integers(length // 2, length + 1))
+        cuts = np.sort(rng.choice(np.arange(2, used - 1), docs_per_row - 1, replace=False))
+        for seg, (start, end) in enumerate(zip([0, *cuts], [*cuts, used]), start=1):
+            n = end - start
+            targets = rng.integers(2, cfg.vocab_size, n)
+            batch["decoder_target_tokens"][b, start:end] = targets
+            batch["decoder_input_tokens"][b, start + 1:end] = targets[:-1]
+            batch["decoder_segment_ids"][b, start:end] = seg
+            batch["decoder_positions"][b, start:end] = np.arange(n)
+            batch["decoder_loss_weights"][b, start:end] = 1
+            for name, size in cfg.metadata:
+                tags = batch[METADATA_PREFIX + name]
+                tags[b, start:end] = rng.integers(2, size, n)
+                tags[b, start] = 1  # NONE on the BOS input
+    return batch

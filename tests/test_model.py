@@ -1,0 +1,241 @@
+"""LimeEmbed and decoder: equivalences, causality, packing isolation, golden numbers, bad input."""
+import json
+import math
+import os
+import pathlib
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lime_jax.model import (Decoder, ModelConfig, abstract_model, checked, loss_and_metrics,
+                            synthetic_batch)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "model_tiny.json"
+META = (("pos", 52), ("ner", 39))
+TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                   metadata=META, dtype="float32")
+
+
+def gin_config(name: str) -> ModelConfig:
+    gin.clear_config()
+    try:
+        gin.parse_config_file(str(REPO / "gin" / "models" / f"{name}.gin"))
+        return ModelConfig()
+    finally:
+        gin.clear_config()
+
+
+@nnx.jit
+def logits_of(model, batch):
+    meta = {n: batch[f"decoder_input_{n}"] for n in model.cfg.metadata_names}
+    return model(batch["decoder_input_tokens"], metadata=meta,
+                 segment_ids=batch["decoder_segment_ids"], positions=batch["decoder_positions"])
+
+
+@pytest.fixture(scope="module")
+def lime():
+    return Decoder(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return synthetic_batch(TINY, batch_size=4, length=16, seed=1, docs_per_row=2)
+
+
+def test_tiny_gin_matches_test_config():
+    assert gin_config("tiny") == TINY.baseline()
+
+
+def test_zeroed_metadata_tables_equal_baseline(lime, batch):
+    baseline = Decoder(TINY.baseline(), rngs=nnx.Rngs(5))
+    _, tables, rest = nnx.split(lime, nnx.PathContains("tables"), ...)
+    nnx.update(baseline, rest)  # every non-metadata weight from the LIME model
+    graphdef, state = nnx.split(lime)
+    zeroed = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "'tables'" in jax.tree_util.keystr(path) else x, state))
+    assert float(jnp.abs(zeroed.embed.tables["pos"][...]).max()) == 0
+    assert float(jnp.abs(lime.embed.tables["pos"][...]).max()) > 0
+    base_batch = {k: v for k, v in batch.items() if k not in ("decoder_input_pos", "decoder_input_ner")}
+    np.testing.assert_array_equal(logits_of(zeroed, batch), logits_of(baseline, base_batch))
+    # ...and the tables do matter when not zeroed.
+    assert not np.allclose(logits_of(lime, batch), logits_of(baseline, base_batch), atol=1e-3)
+    assert baseline.param_overhead() == 0.0
+
+
+def test_tag_change_is_causal_and_stays_in_its_document(lime, batch):
+    base = np.asarray(logits_of(lime, batch))
+    seg = batch["decoder_segment_ids"][0]
+    first_doc_end = int(np.argmax(seg == 2))  # row 0 packs two documents, no padding
+    t = first_doc_end // 2
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["decoder_input_pos"][0, t] = 2 if batch["decoder_input_pos"][0, t] != 2 else 3
+    out = np.asarray(logits_of(lime, changed))
+    diff_L = np.abs(out[0] - base[0]).max(-1)
+    assert np.all(diff_L[:t] == 0), "a tag changed logits before its position"
+    assert diff_L[t] > 0, "a tag did not change the logits at its own position"
+    assert np.all(diff_L[t:first_doc_end] > 0)
+    assert np.all(diff_L[first_doc_end:] == 0), "a tag in document 1 leaked into document 2"
+    np.testing.assert_array_equal(out[1:], base[1:])
+
+    # A token change in the second document never reaches the first.
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["decoder_input_tokens"][0, first_doc_end + 2] += 1
+    out = np.asarray(logits_of(lime, changed))
+    np.testing.assert_array_equal(out[0, :first_doc_end], base[0, :first_doc_end])
+    assert np.abs(out[0, first_doc_end + 2] - base[0, first_doc_end + 2]).max() > 0
+
+
+def test_positions_restart_per_document(lime, batch):
+    # A document's logits do not depend on where it sits in the packed row.
+    seg, L = batch["decoder_segment_ids"][0], batch["decoder_segment_ids"].shape[1]
+    start = int(np.argmax(seg == 2))
+    alone = {k: np.zeros_like(v) for k, v in batch.items()}
+    for k in batch:
+        alone[k][0, :L - start] = batch[k][0, start:]
+    alone["decoder_segment_ids"][0, :L - start] = 1
+    np.testing.assert_allclose(np.asarray(logits_of(lime, alone))[0, :L - start],
+                               np.asarray(logits_of(lime, batch))[0, start:], rtol=1e-5, atol=1e-5)
+
+
+def _grad_norms(model, batch):
+    def objective(model):
+        return loss_and_metrics(model, batch)
+
+    (loss, metrics), grads = nnx.jit(nnx.value_and_grad(objective, has_aux=True))(model)
+    norms = {"/".join(map(str, path)): float(jnp.linalg.norm(v[...]))
+             for path, v in nnx.to_flat_state(grads)}
+    total = math.sqrt(sum(n * n for n in norms.values()))
+    return {"loss": float(loss), "num_tokens": float(metrics["num_tokens"]),
+            "num_correct": float(metrics["num_correct"]), "grad_norm": total,
+            "grad_norms": dict(sorted(norms.items()))}
+
+
+def test_golden_loss_and_grad_norms(lime, batch):
+    got = _grad_norms(lime, batch)
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    how = ("tests/golden/model_tiny.json is stale or the model changed numerics; if the change is "
+           "intended, regenerate with: UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_model.py -k golden")
+    assert GOLDEN.exists(), how
+    want = json.loads(GOLDEN.read_text())
+    assert sorted(want["grad_norms"]) == sorted(got["grad_norms"]), how
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, err_msg=how)
+    assert got["num_tokens"] == want["num_tokens"] and got["num_correct"] == want["num_correct"], how
+    np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4, err_msg=how)
+    for k, v in want["grad_norms"].items():
+        np.testing.assert_allclose(got["grad_norms"][k], v, rtol=1e-4, atol=1e-7, err_msg=f"{k}: {how}")
+    # Metadata tables get gradients (they are trained), and the loss is near ln(V) at init.
+    assert got["grad_norms"]["embed/tables/pos"] > 0 and got["grad_norms"]["embed/tables/ner"] > 0
+    assert abs(got["loss"] - math.log(TINY.vocab_size)) < 1.5
+
+
+def test_learned_weights_bf16_compute_and_untied_head():
+    cfg = TINY.replace(n_layers=1, metadata_weight="learned", metadata_weight_init=0.5,
+                       dtype="bfloat16", tie_embeddings=False)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    b = synthetic_batch(cfg, batch_size=2, length=8, seed=3)
+    assert model.embed.weights["pos"][...].dtype == jnp.float32
+    assert model.head[...].dtype == jnp.float32
+    logits = logits_of(model, b)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 8, cfg.vocab_size)
+    grads = nnx.jit(nnx.grad(lambda m: loss_and_metrics(m, b)[0]))(model)
+    assert float(jnp.abs(grads.embed.weights["pos"][...])) > 0  # the weight is learned
+    # The untied head never sees metadata: its gradient only depends on the final hidden state.
+    assert set(nnx.to_flat_state(grads).to_nested_state()["embed"]) == {"token", "tables", "weights"}
+
+
+@pytest.mark.parametrize("name,low,high", [("500m", 0.45e9, 0.6e9), ("1b", 0.9e9, 1.2e9),
+                                           ("2b", 1.8e9, 2.2e9), ("quickstart", 1e6, 3e6)])
+def test_size_configs_param_counts(name, low, high):
+    cfg = gin_config(name).replace(metadata=META)
+    _, abstract = abstract_model(cfg)  # jax.eval_shape only: nothing is allocated
+    n = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(abstract))
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    assert model.param_count() == n
+    overhead = model.param_overhead()
+    print(f"{name}: {n / 1e6:.2f}M params, metadata overhead {100 * overhead:.4f}%")
+    assert low <= n <= high
+    assert overhead == (52 + 39) * cfg.d_model / n
+    assert overhead < (0.02 if name == "quickstart" else 3e-4)
+
+
+def _bad(batch, key, fn):
+    out = {k: v.copy() for k, v in batch.items()}
+    out[key] = fn(out[key])
+    return out
+
+
+def test_out_of_range_tags_raise_eagerly_and_are_never_clipped(lime, batch):
+    def set_(value):
+        def f(a):
+            a[1, 3] = value
+            return a
+        return f
+
+    for value in (52, -1):
+        with pytest.raises(ValueError, match=r"metadata 'pos'.*outside \[0, 52\)"):
+            loss_and_metrics(lime, _bad(batch, "decoder_input_pos", set_(value)))
+    with pytest.raises(ValueError, match=r"tokens.*outside \[0, 512\)"):
+        loss_and_metrics(lime, _bad(batch, "decoder_input_tokens", set_(512)))
+    with pytest.raises(ValueError, match=r"decoder_target_tokens.*outside"):
+        loss_and_metrics(lime, _bad(batch, "decoder_target_tokens", set_(600)))
+
+    graphdef, state = nnx.split(lime)
+    bad = _bad(batch, "decoder_input_ner", set_(39))
+
+    def loss_fn(state, batch):
+        return loss_and_metrics(nnx.merge(graphdef, state), batch)[0]
+
+    # Under jit without checks the gather reads NaN (never a clipped valid row)...
+    assert np.isnan(jax.jit(loss_fn)(state, bad))
+    # ...and the checkify variant reports which feature is wrong.
+    checked_loss_fn = jax.jit(checked(loss_fn))
+    err, _ = checked_loss_fn(state, bad)
+    with pytest.raises(Exception, match=r"metadata 'ner': ids outside \[0, 39\)"):
+        err.throw()
+    err, loss = checked_loss_fn(state, batch)
+    assert err.get() is None and np.isfinite(loss)
+
+
+def test_bad_shapes_dtypes_and_features(lime, batch):
+    with pytest.raises(ValueError, match=r"metadata 'pos': expected shape \(4, 16\)"):
+        loss_and_metrics(lime, _bad(batch, "decoder_input_pos", lambda a: a[:, :8]))
+    with pytest.raises(TypeError, match=r"metadata 'ner': expected an integer array"):
+        loss_and_metrics(lime, _bad(batch, "decoder_input_ner", lambda a: a.astype(np.float32)))
+    with pytest.raises(TypeError, match=r"tokens: expected an integer array"):
+        loss_and_metrics(lime, _bad(batch, "decoder_input_tokens", lambda a: a.astype(np.float32)))
+    with pytest.raises(ValueError, match=r"tokens: expected shape \[batch, length\]"):
+        lime(batch["decoder_input_tokens"][0], metadata={})
+    with pytest.raises(ValueError, match=r"decoder_positions|positions: expected shape"):
+        loss_and_metrics(lime, _bad(batch, "decoder_positions", lambda a: a[:, :3]))
+    missing = {k: v for k, v in batch.items() if k != "decoder_input_ner"}
+    with pytest.raises(ValueError, match=r"lacks metadata feature\(s\) \['decoder_input_ner'\]"):
+        loss_and_metrics(lime, missing)
+    with pytest.raises(ValueError, match=r"missing"):
+        lime(batch["decoder_input_tokens"], metadata={"pos": batch["decoder_input_pos"]})
+    extra = dict(batch, decoder_input_lemma=batch["decoder_input_pos"])
+    with pytest.raises(ValueError, match=r"decoder_input_lemma"):
+        loss_and_metrics(lime, extra)
+    with pytest.raises(ValueError, match=r"unexpected metadata feature\(s\) \['lemma'\]"):
+        lime(batch["decoder_input_tokens"], metadata={"pos": batch["decoder_input_pos"],
+                                                      "ner": batch["decoder_input_ner"],
+                                                      "lemma": batch["decoder_input_pos"]})
+    with pytest.raises(ValueError, match=r"decoder_loss_weights"):
+        loss_and_metrics(lime, {k: v for k, v in batch.items() if k != "decoder_loss_weights"})
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):
+        TINY.replace(n_heads=6, n_kv_heads=4, head_dim=16)
+    with pytest.raises(ValueError, match="duplicate table names"):
+        TINY.replace(metadata=(("pos", 52), ("pos", 39)))
+    with pytest.raises(ValueError, match="metadata_weight"):
+        TINY.replace(metadata_weight="sometimes")
+    with pytest.raises(TypeError, match="ModelConfig.dtype"):
+        TINY.replace(dtype="int32")
+    assert TINY.replace(metadata=[["pos", 52]]).metadata == (("pos", 52),)  # gin/JSON lists

@@ -1,0 +1,126 @@
+"""Logical-axis sharding: rules, meshes, sharded creation, and sharded == single-device numerics."""
+import gin
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lime_jax.model import (DEFAULT_RULES, Decoder, ModelConfig, batch_sharding, create_sharded_model,
+                            jit_loss_fn, logical_to_pspec, make_mesh, sharding_rules, state_shardings,
+                            synthetic_batch)
+from lime_jax.model.sharding import abstract_model
+
+# One layer keeps the many compiles here cheap; test_model.py covers depth.
+TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128,
+                   metadata=(("pos", 52), ("ner", 39)), dtype="float32")
+ARMS = {"lime": TINY, "baseline": TINY.baseline()}
+
+
+def test_rules_are_replaceable_in_gin():
+    gin.clear_config()
+    try:
+        gin.parse_config('sharding_rules.rules = (("batch", "data"), ("vocab", None), ("embed", "fsdp"))')
+        rules = sharding_rules()
+        assert logical_to_pspec(("vocab", "embed"), rules) == P(None, "fsdp")
+        assert nnx.eval_shape(lambda: Decoder(TINY, rngs=nnx.Rngs(0))).rules == rules  # picks up the binding
+    finally:
+        gin.clear_config()
+    assert sharding_rules() == DEFAULT_RULES
+
+
+def test_rules_map_logical_names_and_reject_unknown_ones():
+    rules = sharding_rules()
+    assert rules == DEFAULT_RULES
+    assert logical_to_pspec(("vocab", "embed"), rules) == P("tensor", "fsdp")
+    assert logical_to_pspec(("tags", None), rules) == P(None, None)
+    assert logical_to_pspec(("batch", "length"), rules) == P(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="unknown logical axis name 'layers'"):
+        logical_to_pspec(("layers", "embed"), rules)
+    with pytest.raises(ValueError, match="unknown logical axis name 'vocabulary'"):
+        sharding_rules((("vocabulary", "tensor"),))
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        sharding_rules((("vocab", "model"),))
+    with pytest.raises(ValueError, match="unknown logical axis name 'layers'"):
+        Decoder(TINY, rngs=nnx.Rngs(0), rules=(("layers", None),))
+    # A mesh axis that does not divide a dim is dropped for that dim (2 KV heads, tensor=4).
+    mesh = make_mesh((1, 2, 4))
+    assert logical_to_pspec(("embed", "heads", "kv"), rules, (64, 2, 16), mesh) == P("fsdp", None, None)
+    assert logical_to_pspec(("embed", "heads", "kv"), rules, (64, 4, 16), mesh) == P("fsdp", "tensor", None)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1), (1, 1, 8), (1, 2, 2)])
+def test_make_mesh_shapes(shape):
+    mesh = make_mesh(shape)
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.shape.values()) == shape
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_make_mesh_rejects_too_many_devices():
+    with pytest.raises(ValueError, match=r"needs 16 devices, only 8"):
+        make_mesh((4, 2, 2))
+    with pytest.raises(ValueError, match="3 positive ints"):
+        make_mesh((8,))
+
+
+@pytest.fixture(scope="module")
+def single():
+    """Reference params (one device) for both arms: same weights except the metadata tables."""
+    out = {}
+    for arm, cfg in ARMS.items():
+        graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+        batch = synthetic_batch(cfg, batch_size=8, length=16, seed=2)
+        fn = jit_loss_fn(graphdef, state_shardings(state, make_mesh((1, 1, 1))), make_mesh((1, 1, 1)))
+        out[arm] = (graphdef, state, batch, fn(state, batch))
+    return out
+
+
+def test_create_sharded_model_places_params_by_rules(single):
+    mesh = make_mesh((2, 2, 2))
+    graphdef, state = create_sharded_model(TINY, mesh, seed=0)
+    assert state["embed"]["token"][...].sharding.spec == P("tensor", "fsdp")
+    assert state["embed"]["tables"]["pos"][...].sharding.spec == P(None, None)  # replicated
+    assert state["blocks"][0]["mlp"]["w_gate"][...].sharding.spec == P("fsdp", "tensor")
+    assert state["blocks"][0]["attn"]["wk"][...].sharding.spec == P("fsdp", "tensor", None)
+    token = state["embed"]["token"][...]
+    assert {s.data.shape for s in token.addressable_shards} == {(256, 32)}  # never whole on a device
+    # Same seed, same values as the unsharded init, whatever the mesh.
+    _, ref, _, _ = single["lime"]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, ref)
+
+
+def test_state_shardings_cover_optimizer_state():
+    # nnx.Optimizer copies Variable metadata to its moments, so they shard like the params.
+    mesh = make_mesh((2, 2, 2))
+    abstract_opt = nnx.eval_shape(
+        lambda: nnx.Optimizer(Decoder(TINY, rngs=nnx.Rngs(0)), optax.adamw(1e-3), wrt=nnx.Param))
+    shardings = state_shardings(nnx.state(abstract_opt.opt_state), mesh)
+    token = {path: v.get_value().spec for path, v in nnx.to_flat_state(shardings) if "token" in path}
+    assert len(token) == 2 and set(token.values()) == {P("tensor", "fsdp")}  # adam mu and nu
+    # Same for a raw optax state over the abstract params (Variables keep their metadata).
+    abstract_params = abstract_model(TINY)[1]
+    shardings = state_shardings(jax.eval_shape(optax.adamw(1e-3).init, abstract_params), mesh)
+    specs = [v.get_value().spec for v in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+             if isinstance(v, nnx.Variable) and v.get_metadata().get("logical_axes") == ("vocab", "embed")]
+    assert specs == [P("tensor", "fsdp")] * 2
+    assert abstract_model(TINY)[1]["embed"]["token"].shape == (512, 64)
+
+
+@pytest.mark.parametrize("arm,shape", [
+    ("lime", (8, 1, 1)), ("lime", (2, 2, 2)), ("lime", (1, 2, 4)), ("baseline", (2, 2, 2)),
+    pytest.param("baseline", (8, 1, 1), marks=pytest.mark.slow),
+    pytest.param("baseline", (1, 2, 4), marks=pytest.mark.slow),
+])
+def test_sharded_loss_and_grads_equal_single_device(single, arm, shape):
+    graphdef, state, batch, (ref_loss, ref_metrics, ref_grads) = single[arm]
+    mesh = make_mesh(shape)
+    shardings = state_shardings(state, mesh)
+    fn = jit_loss_fn(graphdef, shardings, mesh)
+    loss, metrics, grads = fn(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding(mesh)))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert float(metrics["num_tokens"]) == float(ref_metrics["num_tokens"])
+    assert float(metrics["num_correct"]) == float(ref_metrics["num_correct"])
+    assert grads["embed"]["token"][...].sharding.spec == shardings["embed"]["token"].get_value().spec
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-4, atol=2e-6),
+                 grads, ref_grads)
