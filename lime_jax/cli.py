@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spm-train": ("lime_jax.metadata.spm", "train a SentencePiece model on text files"),
     "show": ("lime_jax.metadata.show", "print the pieces and POS/NER tags of a text"),
     "annotate": ("lime_jax.annotate", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
+    "train": ("lime_jax.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
+    "quickstart": ("lime_jax.quickstart", "SentencePiece, annotation, baseline and LIME runs on the bundled corpus"),
 }
 
 

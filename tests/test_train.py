@@ -1,0 +1,261 @@
+"""Trainer tests on a tiny LIME model over a synthetic cache (real loader, model, Orbax, optax).
+
+Golden numbers: tests/golden/train_tiny_lime.json. After an intended numerical change, rerun
+with UPDATE_GOLDEN=1 to rewrite it (and say why in the change).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lime_jax import checkpoint as ckpt_lib
+from lime_jax import metrics as metrics_lib
+from lime_jax import optim
+from lime_jax import train as train_lib
+from lime_jax.data import cache
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "train_tiny_lime.json")
+VOCAB = 64
+STEPS = 30
+K = 5
+
+
+def _write_cache(out_dir, n_docs, seed):
+    """Documents from a noisy deterministic successor rule, so a tiny model can learn them."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(8, 60))
+        toks = np.empty(n, np.int64)
+        toks[0] = rng.integers(2, VOCAB)
+        for i in range(1, n):
+            follow = rng.random() < 0.8
+            toks[i] = (toks[i - 1] * 5 + 3) % (VOCAB - 2) + 2 if follow else rng.integers(2, VOCAB)
+        toks[-1] = 1  # EOS
+        docs.append(np.stack([toks, 2 + toks % 50, 2 + toks % 37]).astype(np.int32))
+    shards = [cache.write_shard(out_dir, i, docs[i::2]) for i in range(2)]
+    cache.write_manifest(out_dir, {
+        "format": cache.FORMAT, "features": list(cache.DEFAULT_FEATURES), "shards": shards,
+        "vocab_sizes": {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39}})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+    """Gin bindings are global: a test must not see the previous test's config."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    _write_cache(str(root / "train"), 64, seed=0)
+    _write_cache(str(root / "eval"), 16, seed=1)
+    return str(root / "train"), str(root / "eval")
+
+
+def _bindings(model_dir, caches, **extra):
+    train_dir, eval_dir = caches
+    b = [
+        f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {STEPS}", f"CACHE_DIR = '{train_dir}'",
+        f"EVAL_CACHE_DIR = '{eval_dir}'", "SEQ_LEN = 32", "BATCH_SIZE = 8",
+        "CHECKPOINT_EVERY = 10", "EVAL_EVERY = 10",
+        f"ModelConfig.vocab_size = {VOCAB}", "ModelConfig.d_model = 32", "ModelConfig.d_ff = 64",
+        "ModelConfig.n_layers = 2", "ModelConfig.n_heads = 4", "ModelConfig.n_kv_heads = 2",
+        # f32 compute keeps cross-mesh and golden comparisons tight.
+        "ModelConfig.dtype = 'float32'",
+        "OptimizerConfig.warmup_steps = 5", "run.log_every = 1", "run.progress = False",
+        "run.read_threads = 1",
+    ]
+    return b + [f"{k} = {v}" for k, v in extra.items()]
+
+
+def _train_losses(model_dir):
+    rows = metrics_lib.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def full_run(caches, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("full"))
+    summary = train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches))
+    return model_dir, summary
+
+
+def test_short_run_learns_and_writes_artifacts(full_run):
+    model_dir, summary = full_run
+    losses = _train_losses(model_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert np.mean([losses[s] for s in range(STEPS - 4, STEPS + 1)]) < losses[1] - 1.0
+    assert summary["step"] == STEPS and summary["eval_loss"] < math.log(VOCAB)
+    assert 0 < summary["eval_accuracy"] <= 1 and summary["tokens_per_s"] > 0
+    # Orbax keeps the last 3 complete checkpoints.
+    assert ckpt_lib.Checkpointer(model_dir, read_only=True).all_steps() == [10, 20, 30]
+    # TensorBoard events parse back with the same values as the JSONL log.
+    events = metrics_lib.read_event_scalars(os.path.join(model_dir, "tb"))
+    assert [s for s, _ in events["train/loss"]] == list(range(1, STEPS + 1))
+    assert events["train/loss"][-1][1] == pytest.approx(losses[STEPS], rel=1e-6)
+    assert [s for s, _ in events["eval/accuracy"]] == [10, 20, 30]
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+                "train/checkpoint_save_s", "eval/perplexity"):
+        assert tag in events, tag
+    config = open(os.path.join(model_dir, "config.gin")).read()
+    assert "ModelConfig.metadata = (('pos', 52), ('ner', 39))" in config and "run.train_steps" in config
+
+
+def test_golden_first_steps(full_run):
+    model_dir, _ = full_run
+    losses = _train_losses(model_dir)
+    got = {"losses": [losses[s] for s in range(1, 6)]}
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump(got, f, indent=1)
+            f.write("\n")
+        pytest.skip(f"rewrote {GOLDEN}")
+    with open(GOLDEN) as f:
+        want = json.load(f)
+    np.testing.assert_allclose(got["losses"], want["losses"], rtol=2e-5, err_msg=(
+        f"first-step losses differ from {GOLDEN}; if the change is intended, rerun with UPDATE_GOLDEN=1"))
+
+
+def test_resume_is_exact(full_run, caches, tmp_path):
+    full_dir, _ = full_run
+    model_dir = str(tmp_path / "resumed")
+    first = train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches), stop_after_steps=K)
+    assert first["step"] == K
+    assert ckpt_lib.Checkpointer(model_dir, read_only=True).latest_step() == K
+    second = train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches))
+    assert second["start_step"] == K and second["step"] == STEPS
+    assert _train_losses(model_dir) == _train_losses(full_dir)  # bitwise, every step
+
+
+def test_mesh_2x2x2_matches_8x1x1(full_run, caches, tmp_path):
+    full_dir, _ = full_run
+    model_dir = str(tmp_path / "mesh222")
+    train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches, **{
+        "run.mesh_shape": "(2, 2, 2)", "run.keep_checkpoints": 1, "run.keep_best_checkpoint": True}))
+    a, b = _train_losses(full_dir), _train_losses(model_dir)
+    evals = {r["step"]: r["eval/loss"] for r in metrics_lib.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+             if "eval/loss" in r}
+    best = min(evals, key=evals.get)
+    assert ckpt_lib.Checkpointer(model_dir, read_only=True).all_steps() == sorted({best, STEPS})
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=2e-4)
+
+
+def test_restore_params_alone(full_run):
+    model_dir, _ = full_run
+    from lime_jax.model import ModelConfig, sharding
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, metadata=(("pos", 52), ("ner", 39)))
+    _, abstract = sharding.abstract_model(cfg)
+    params, step = ckpt_lib.restore_params(model_dir, abstract)
+    assert step == STEPS
+    assert params["embed"]["token"].shape == (VOCAB, 32)
+
+
+def test_nan_loss_stops_naming_step_and_keeps_good_checkpoint(caches, tmp_path):
+    model_dir = str(tmp_path / "nan")
+    # An f32-overflowing learning rate (finite in gin/Python) blows the parameters up.
+    bindings = _bindings(model_dir, caches, **{
+        "CHECKPOINT_EVERY": 1, "OptimizerConfig.learning_rate": 1e39,
+        "OptimizerConfig.warmup_steps": 0, "OptimizerConfig.clip_norm": None})
+    with pytest.raises(train_lib.TrainingError, match=r"non-finite .* at step (\d+)") as err:
+        train_lib.train(["runs/lime.gin"], bindings)
+    bad_step = int(str(err.value).split("at step ")[1].split()[0])
+    steps = ckpt_lib.Checkpointer(model_dir, read_only=True).all_steps()
+    assert bad_step not in steps and all(s < bad_step for s in steps)
+    assert f"last good checkpoint is step {max(steps) if steps else None}" in str(err.value)
+
+
+def test_gin_typo_and_missing_macro_name_the_binding(caches, tmp_path):
+    good = _bindings(str(tmp_path / "m"), caches)
+    with pytest.raises(ValueError, match="bach_size"):
+        train_lib.parse_gin(["runs/lime.gin"], good + ["run.bach_size = 4"])
+    with pytest.raises(ValueError, match="ModelConfg"):
+        train_lib.parse_gin(["runs/lime.gin"], good + ["ModelConfg.d_model = 4"])
+    with pytest.raises(train_lib.ConfigError, match="MODEL_DIR"):
+        train_lib.parse_gin(["runs/lime.gin"], [b for b in good if not b.startswith("MODEL_DIR")])
+    assert train_lib.main(["--gin_file", "runs/lime.gin", "--gin.TRAIN_STEPS=3"]) == 2
+    assert not os.listdir(tmp_path)  # failed before any work
+
+
+def test_flag_values_become_gin_literals():
+    files, bindings = train_lib.parse_flags(
+        ["--gin_file", "runs/lime.gin", "--gin.MODEL_DIR=/tmp/x", "--gin.TRAIN_STEPS=10",
+         "--gin.run.mesh_shape=(2,2,2)", "--gin_bindings", "SEED = 3"])
+    assert files == ["runs/lime.gin"]
+    assert bindings == ["SEED = 3", "MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10", "run.mesh_shape = (2,2,2)"]
+
+
+def test_weight_decay_skips_norms_and_embeddings():
+    from flax import nnx
+
+    from lime_jax.model import ModelConfig, sharding
+
+    cfg = ModelConfig(metadata=(("pos", 52),), metadata_weight="learned", tie_embeddings=False)
+    _, abstract = sharding.abstract_model(cfg)
+    mask = {"/".join(map(str, p)): bool(v.get_value()) for p, v in nnx.to_flat_state(optim.decay_mask(abstract))}
+    assert not any(mask[k] for k in mask if k.startswith("embed/") or k.endswith("scale"))
+    assert mask["head"] and mask["blocks/0/attn/wq"] and mask["blocks/1/mlp/w_down"]
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = optim.OptimizerConfig(learning_rate=1.0, warmup_steps=10, end_lr_ratio=0.1)
+    sched = optim.make_schedule(cfg, 100)
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(100)) == pytest.approx(0.1) and float(sched(5)) == pytest.approx(0.5)
+
+
+def test_grad_accumulation_matches_full_batch(full_run, caches):
+    import jax
+
+    from lime_jax.data import loader
+    from lime_jax.model import ModelConfig, sharding
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32",
+                      metadata=(("pos", 52), ("ner", 39)))
+    graphdef, abstract = sharding.abstract_model(cfg)
+    params, _ = ckpt_lib.restore_params(full_run[0], abstract)  # trained weights: no init compile
+    batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
+    out = []
+    for accum in (1, 4):
+        tx, sched = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0), 10)
+        step = jax.jit(train_lib.make_train_step(graphdef, tx, sched, accum))
+        train = {"step": jax.numpy.zeros((), "int32"), "rng": jax.random.key_data(jax.random.key(0))}
+        new_params, _, _, m = step(params, tx.init(params), train, batch)
+        out.append((jax.device_get(m), jax.device_get(new_params)))
+    (m1, p1), (m4, p4) = out
+    assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(caches, tmp_path):
+    model_dir = str(tmp_path / "term")
+    argv = ["--gin_file", "runs/lime.gin"] + [
+        a for b in _bindings(model_dir, caches, **{"TRAIN_STEPS": 100000, "CHECKPOINT_EVERY": 100000,
+                                                   "EVAL_EVERY": 100000})
+        for a in ("--gin_bindings", b)]
+    proc = subprocess.Popen([sys.executable, "-m", "lime_jax.train", *argv], stderr=subprocess.PIPE, text=True)
+    jsonl = os.path.join(model_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(jsonl) and len(open(jsonl).readlines()) >= 3):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    latest = ckpt_lib.Checkpointer(model_dir, read_only=True).latest_step()
+    assert latest is not None and latest >= 3
+    assert "SIGTERM" in err
