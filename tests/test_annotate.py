@@ -85,6 +85,21 @@ def test_bad_utf8_names_file_line_and_byte(tmp_path, spm_model, capsys):
     assert cache_lib.load_manifest(out)["counts"]["records"] == 2
 
 
+def test_corrupt_inputs_are_named(tmp_path):
+    import lzma
+
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid UTF-8 byte 0xe9 at byte offset 28"):
+        list(inputs.iter_input_documents([str(jsonl)]))
+    assert [t for _, t in inputs.iter_input_documents([str(jsonl)], errors="replace")] == ["ok", "caf\ufffd"]
+    xz = tmp_path / "cut.txt.xz"
+    data = lzma.compress("".join(f"line {i}\n" for i in range(5000)).encode())
+    xz.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.txt.xz: corrupt compressed data"):
+        list(inputs.iter_input_documents([str(xz)]))
+
+
 def test_missing_inputs_are_named(tmp_path, spm_model, capsys):
     assert annotate.main(["--input", str(tmp_path / "nope*.txt"), "--spm", spm_model, "--out", str(tmp_path)]) == 1
     assert "no input files match" in capsys.readouterr().err

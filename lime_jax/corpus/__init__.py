@@ -30,13 +30,14 @@ def _open_binary(path: Path):
     raise ValueError(f"{path}: expected a .jsonl, .jsonl.xz or .jsonl.gz file")
 
 
-def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
+def iter_documents(path: str | Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
     """Yield (id, text) for each line of a JSONL file (optionally xz- or gzip-compressed).
 
     Blank lines are skipped; every other line must be a JSON object with a string "text";
     "id" is optional (a string, defaulting to "<file name>:<line number>"); other fields are
     ignored. Raises ValueError
-    naming the file and line for a malformed line, and the byte offset for invalid UTF-8.
+    naming the file and line for a malformed line, and the byte offset for invalid UTF-8
+    (`errors="replace"` substitutes U+FFFD instead).
     """
     path = Path(path)
     with _open_binary(path) as f:
@@ -44,7 +45,7 @@ def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
         lineno = 0
         try:
             for lineno, raw in enumerate(f, start=1):
-                doc = _parse_line(path, lineno, offset, raw)
+                doc = _parse_line(path, lineno, offset, raw, errors)
                 offset += len(raw)
                 if doc is not None:
                     yield doc
@@ -54,10 +55,10 @@ def iter_documents(path: str | Path) -> Iterator[tuple[str, str]]:
             ) from e
 
 
-def _parse_line(path: Path, lineno: int, offset: int, raw: bytes) -> tuple[str, str] | None:
+def _parse_line(path: Path, lineno: int, offset: int, raw: bytes, errors: str = "strict") -> tuple[str, str] | None:
     """(id, text) of one line; None for a blank line."""
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise ValueError(
             f"{path}:{lineno}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte offset "

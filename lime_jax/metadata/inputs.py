@@ -46,18 +46,21 @@ def resolve_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def _iter_text_lines(path: str, errors: str) -> Iterator[tuple[str, str]]:
-    offset = 0
+    offset, line_no = 0, 0
     with open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}: line {line_no}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte "
-                    f"offset {offset + e.start} (pass --utf8-errors replace to substitute U+FFFD)"
-                ) from None
-            offset += len(raw)
-            yield f"{os.path.basename(path)}:{line_no}", line.rstrip("\r\n")
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as e:
+                    raise ValueError(
+                        f"{path}: line {line_no}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte "
+                        f"offset {offset + e.start} (pass --utf8-errors replace to substitute U+FFFD)"
+                    ) from None
+                offset += len(raw)
+                yield f"{os.path.basename(path)}:{line_no}", line.rstrip("\r\n")
+        except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: corrupt compressed data after line {line_no}: {e}") from None
 
 
 def iter_input_documents(patterns: Sequence[str], errors: str = "strict") -> Iterator[tuple[str, str]]:
@@ -67,6 +70,6 @@ def iter_input_documents(patterns: Sequence[str], errors: str = "strict") -> Ite
     for path in resolve_inputs(patterns):
         name = path[:-3] if path.endswith((".gz", ".xz")) else path
         if name.endswith(".jsonl"):
-            yield from corpus.iter_documents(path)
+            yield from corpus.iter_documents(path, errors=errors)
         else:
             yield from _iter_text_lines(path, errors)

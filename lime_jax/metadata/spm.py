@@ -13,10 +13,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as sentencepiece_lib
-from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 WORD_BOUNDARY = "\u2581"  # "▁", SentencePiece's marker of a preceding space
+# A serialized ModelProto holding only `normalizer_spec { add_dummy_prefix: false }` (field 3,
+# then its field 3 = 0). Protobuf parsing merges concatenated messages, so appending it to a
+# model turns the dummy prefix off without sentencepiece's generated protobuf module (whose
+# runtime pin clashes with apache-beam's protobuf).
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
 def train_spm(
@@ -67,11 +71,9 @@ class Tokenizer:
                 self.model_bytes = f.read()
         except OSError as e:
             raise ValueError(f"cannot read SentencePiece model {path}: {e.strerror}") from None
-        proto = sentencepiece_model_pb2.ModelProto()
         try:
-            proto.ParseFromString(self.model_bytes)
             self.sp = sentencepiece_lib.SentencePieceProcessor(model_proto=self.model_bytes)
-        except Exception as e:  # protobuf and sentencepiece raise several types
+        except Exception as e:  # sentencepiece raises RuntimeError or OSError by version
             raise ValueError(f"{path} is not a SentencePiece model ({e})") from None
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID:
             raise ValueError(
@@ -82,8 +84,7 @@ class Tokenizer:
         self.path = path
         # A second processor over the same pieces but without the dummy "▁" prefix, for words
         # that follow the previous word with no space between them ("dog" "." / "do" "n't").
-        proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_attached = sentencepiece_lib.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.sp_attached = sentencepiece_lib.SentencePieceProcessor(model_proto=self.model_bytes + _NO_DUMMY_PREFIX)
         pieces = [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
         # A piece "has content" unless it is made of word boundaries only ("▁"): such pieces
         # stand for whitespace and get the NONE tag.
