@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "annotate": ("lime_jax.annotate", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
     "train": ("lime_jax.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
     "quickstart": ("lime_jax.quickstart", "SentencePiece, annotation, baseline and LIME runs on the bundled corpus"),
+    "eval": ("lime_jax.evaluate", "held-out perplexity/accuracy, token cohesion, cloze, addition and reasoning of a run"),
+    "generate": ("lime_jax.generate", "generate text with a KV cache; LIME+1 metadata guidance"),
+    "report": ("lime_jax.report", "plots and a markdown summary comparing runs (data efficiency)"),
+    "aot": ("lime_jax.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
 }
 
 

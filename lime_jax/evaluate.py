@@ -1,0 +1,464 @@
+"""`lime-jax eval`: held-out metrics, token cohesion, cloze, addition and reasoning of a run.
+
+    lime-jax eval --model_dir runs/quickstart/lime [--task heldout lambada addition reasoning]
+
+Writes `<model_dir>/eval_results.json`. Tasks:
+- `heldout`: perplexity and next-token accuracy on the run's held-out cache (`run.eval_cache_dir`
+  or `--eval_cache_dir`), documents cut into `seq_len` pieces as in training, tags as the model
+  was trained to see them. Cohesion: the same accuracy by the target piece's place inside its
+  word (`subword_index`), per word length in pieces (1, 2, 3, 4, 5+).
+- `lambada`: LAMBADA-style cloze items from the held-out documents: a noun that ends a sentence,
+  after at least `--cloze-context` pieces of its document. A hit means greedy decoding gives every
+  piece of the word (teacher forcing, all argmax-correct).
+- `addition`: `Q: What is A + B?\\nA:` problems (lime_jax.data.synthetic, the tasks' test seed),
+  exact match of greedy decoding, per digit count.
+- `reasoning`: templated stories; accuracy of choosing the answer by summed log-likelihood.
+Modes, by run: the baseline has one (`none`); LIME and the leakage control one (`reannotated`:
+generated or scored text is re-annotated, as `lime-jax generate` does); LIME+1 two: `unguided`
+(NONE where the model would see the tags of answer tokens) and `guided` (oracle tags from
+annotating prompt + gold answer, as in the paper). For held-out text and cloze items, tags
+come from annotating the whole document, as in training (LIME+1 cloze: `guided` uses the word's
+own tags, `unguided` NONE on the positions that predict it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from lime_jax.data import cache as cache_lib
+from lime_jax.data import packing
+from lime_jax.metadata.vocab import NONE_ID
+
+TASKS = ("heldout", "lambada", "addition", "reasoning")
+RESULTS_NAME = "eval_results.json"
+LENGTH_BUCKETS = ("1", "2", "3", "4", "5+")
+NOUN_TAGS = ("NN", "NNS", "NNP", "NNPS")
+TEST_SEED = 2  # tasks/synthetic.py SPLITS["test"]
+
+
+# ----------------------------------------------------------------------------- pure metrics
+
+
+def word_places(subword_index_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece: its 1-based place in its word and the word's length in pieces (0, 0: no word).
+
+    `subword_index` is 1 for pieces without a word, else 1 + place (docs/architecture.md).
+    """
+    si = np.asarray(subword_index_N, np.int64)
+    place = np.where(si >= 2, si - 1, 0)
+    n = len(place)
+    # A word's run ends where the next piece does not continue it (place + 1).
+    nxt = np.append(place[1:], 0)
+    ends = (place > 0) & (nxt != place + 1)
+    end_idx = np.where(ends, np.arange(n), n)
+    run_end = np.minimum.accumulate(end_idx[::-1])[::-1] if n else end_idx
+    length = np.where(place > 0, place[np.minimum(run_end, n - 1)] if n else place, 0)
+    return place, length
+
+
+def length_bucket(length: int) -> str:
+    return str(length) if length < 5 else "5+"
+
+
+def place_bucket(place: int) -> str:
+    return str(place) if place < 5 else "5+"
+
+
+class CohesionCounter:
+    """Accumulates (word length bucket, place bucket) -> [tokens, correct]."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, place_N: np.ndarray, length_N: np.ndarray, correct_N: np.ndarray, weight_N: np.ndarray) -> None:
+        keep = (np.asarray(weight_N) > 0) & (np.asarray(place_N) > 0)
+        for p, length, c in zip(np.asarray(place_N)[keep], np.asarray(length_N)[keep], np.asarray(correct_N)[keep]):
+            entry = self.counts.setdefault((length_bucket(int(length)), place_bucket(int(p))), [0, 0])
+            entry[0] += 1
+            entry[1] += int(c)
+
+    def result(self) -> dict:
+        by_length: dict[str, dict] = {}
+        by_place: dict[str, list[int]] = {}
+        for (lb, pb), (n, c) in sorted(self.counts.items()):
+            by_length.setdefault(lb, {})[pb] = {"n": n, "accuracy": c / n}
+            agg = by_place.setdefault(pb, [0, 0])
+            agg[0] += n
+            agg[1] += c
+        return {"by_word_length": by_length,
+                "by_place": {pb: {"n": n, "accuracy": c / n} for pb, (n, c) in sorted(by_place.items())}}
+
+
+def bucket_accuracy(hits: Sequence[bool], buckets: Sequence) -> dict:
+    """`{"accuracy", "n", "by_bucket": {bucket: {"accuracy", "n"}}}`."""
+    hits = np.asarray(hits, bool)
+    out = {"accuracy": float(hits.mean()) if len(hits) else float("nan"), "n": int(len(hits)), "by_bucket": {}}
+    for b in sorted(set(buckets), key=str):
+        sel = np.asarray([x == b for x in buckets])
+        out["by_bucket"][str(b)] = {"accuracy": float(hits[sel].mean()), "n": int(sel.sum())}
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class Scorer:
+    """Jitted teacher-forced forward: per-position negative log-likelihood and argmax hits."""
+
+    def __init__(self, loaded, batch_rows: int = 16):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        self.loaded, self.rows = loaded, batch_rows
+        self.names = loaded.cfg.metadata_names
+        graphdef, state = nnx.split(loaded.model)
+        self._state = state
+
+        def fwd(state, batch):
+            model = nnx.merge(graphdef, state)
+            logits_BxLxV = model(batch["tokens"], {n: batch[n] for n in self.names},
+                                 segment_ids=batch["segments"], positions=batch["positions"])
+            logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+            tgt_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+            return logz_BxL - tgt_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]
+
+        self._fwd = jax.jit(fwd)
+
+    def score(self, rows: Sequence[dict], length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows (dicts of 1-D arrays `tokens`, `targets`, `segments`, `positions` and one per
+        table, all of one length <= `length`, padded here) -> per row (nll [n], hits [n])."""
+        keys = ("tokens", "targets", "segments", "positions", *self.names)
+        for start in range(0, len(rows), self.rows):
+            chunk = rows[start:start + self.rows]
+            batch = {k: np.zeros((self.rows, length), np.int32) for k in keys}
+            for r, row in enumerate(chunk):
+                for k in keys:
+                    batch[k][r, :len(row[k])] = row[k]
+            nll, hits = self._fwd(self._state, batch)
+            nll, hits = np.asarray(nll), np.asarray(hits)
+            for r, row in enumerate(chunk):
+                n = len(row["targets"])
+                yield nll[r, :n], hits[r, :n]
+
+
+def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[str], shift: int) -> dict:
+    """One document piece as a row in the batch contract (one segment, BOS input first)."""
+    cols = packing.piece_columns(piece_FxN, list(tag_rows), shift)
+    n = piece_FxN.shape[1]
+    row = {"targets": cols[:, 0], "tokens": cols[:, 1], "segments": np.ones(n, np.int32),
+           "positions": np.arange(n, dtype=np.int32)}
+    for k, name in enumerate(names):
+        row[name] = cols[:, 2 + k]
+    return row
+
+
+def read_cache_documents(cache_dir: str, max_docs: int | None = None) -> tuple[list[np.ndarray], dict]:
+    manifest = cache_lib.verify_cache(cache_dir)
+    docs: list[np.ndarray] = []
+    for path in cache_lib.shard_paths(cache_dir, manifest):
+        reader = cache_lib.open_reader(path)
+        try:
+            for rec in reader.read_all():
+                docs.append(cache_lib.read_document(rec, len(manifest["features"]), path))
+                if max_docs is not None and len(docs) >= max_docs:
+                    return docs, manifest
+        finally:
+            reader.close()
+    return docs, manifest
+
+
+def _rows_of(manifest: dict, names: Sequence[str]) -> tuple[list[int], int]:
+    features = manifest["features"]
+    missing = [n for n in names if f"targets_{n}" not in features]
+    if missing:
+        raise ValueError(f"the eval cache has no tag feature(s) {missing} (it has {features})")
+    if "subword_index" not in features:
+        raise ValueError(f"the eval cache has no subword_index feature (it has {features})")
+    return [features.index(f"targets_{n}") for n in names], features.index("subword_index")
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def eval_heldout(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: dict) -> dict:
+    names, shift, seq_len = loaded.cfg.metadata_names, loaded.shift, loaded.run.seq_len
+    tag_rows, si_row = _rows_of(manifest, names)
+    rows, places, lengths = [], [], []
+    for doc in docs:
+        place, length = word_places(doc[si_row])
+        for start in range(0, doc.shape[1], seq_len):
+            rows.append(segment_row(doc[:, start:start + seq_len], tag_rows, names, shift))
+            places.append(place[start:start + seq_len])
+            lengths.append(length[start:start + seq_len])
+    nll_sum, correct, total = 0.0, 0, 0
+    cohesion = CohesionCounter()
+    for (nll, hits), place, length in zip(scorer.score(rows, seq_len), places, lengths):
+        nll_sum += float(nll.sum())
+        correct += int(hits.sum())
+        total += len(hits)
+        cohesion.add(place, length, hits, np.ones(len(hits)))
+    loss = nll_sum / max(total, 1)
+    return {"tokens": total, "documents": len(docs), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "accuracy": correct / max(total, 1), "cohesion": cohesion.result()}
+
+
+def cloze_items(docs: Sequence[np.ndarray], manifest: dict, pos_vocab, seq_len: int, min_context: int,
+                per_doc: int = 3, max_items: int = 300) -> list[tuple[int, int, int, int]]:
+    """(doc, window start, word start, word length) of cloze items: a noun ending a sentence.
+
+    The window [start, word end) holds at most `seq_len` pieces; items are taken from the end of
+    each document backwards, at least `seq_len` pieces apart.
+    """
+    features = manifest["features"]
+    pos_row, si_row = features.index("targets_pos"), features.index("subword_index")
+    nouns = {pos_vocab.id(t) for t in NOUN_TAGS if t in pos_vocab.labels}
+    period = pos_vocab.id(".")
+    items = []
+    for d, doc in enumerate(docs):
+        place, length = word_places(doc[si_row])
+        taken, last = 0, doc.shape[1] + seq_len
+        for ws in np.nonzero(place == 1)[0][::-1]:
+            wl = int(length[ws])
+            we = ws + wl
+            if (we >= doc.shape[1] or doc[pos_row, ws] not in nouns or doc[pos_row, we] != period
+                    or ws < min_context or we > last - seq_len or wl >= seq_len):
+                continue
+            items.append((d, max(0, we - seq_len), int(ws), wl))
+            last, taken = we, taken + 1
+            if taken >= per_doc:
+                break
+    return items[:max_items]
+
+
+def eval_lambada(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: dict, min_context: int,
+                 max_items: int) -> dict:
+    names, shift, seq_len = loaded.cfg.metadata_names, loaded.shift, loaded.run.seq_len
+    tag_rows, _ = _rows_of(manifest, names)
+    if "pos" not in loaded.vocabs:
+        raise ValueError("cloze items need the POS vocabulary (vocab_pos.json beside the cache)")
+    items = cloze_items(docs, manifest, loaded.vocabs["pos"], seq_len, min_context, max_items=max_items)
+    modes = _modes(loaded)
+    out = {"items": len(items), "modes": {}}
+    if not items:
+        return out
+    for mode in modes:
+        rows = []
+        for d, start, ws, wl in items:
+            row = segment_row(docs[d][:, start:ws + wl], tag_rows, names, shift)
+            if mode == "unguided":  # positions ws-start .. : predict the word's pieces
+                for name in names:
+                    row[name] = row[name].copy()
+                    row[name][ws - start:] = NONE_ID
+            rows.append(row)
+        hits = [bool(h[ws - start:].all()) for (d, start, ws, wl), (_, h) in zip(items, scorer.score(rows, seq_len))]
+        out["modes"][mode] = bucket_accuracy(hits, [str(wl) if wl < 3 else "3+" for *_, wl in items])
+    return out
+
+
+def _modes(loaded) -> list[str]:
+    if not loaded.cfg.metadata:
+        return ["none"]
+    return ["unguided", "guided"] if loaded.shift >= 1 else ["reannotated"]
+
+
+def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> tuple[list, list]:
+    """Prompt-only features, and per example the split (prompt, answer) features of each answer."""
+    from lime_jax.generate import annotate_texts, split_prompt
+
+    prompt_feats = annotate_texts(loaded, [e["prompt"] for e in examples])
+    split = []
+    for e, pf in zip(examples, prompt_feats):
+        answers = e[answers_key] if isinstance(e[answers_key], list) else [e[answers_key]]
+        split.append([split_prompt(loaded, e["prompt"], a, pf) for a in answers])
+    return prompt_feats, split
+
+
+def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict:
+    from lime_jax.data import synthetic
+    from lime_jax.generate import decode_batch, make_retagger, tag_rows
+    from lime_jax.model.decode import IncrementalDecoder
+
+    examples = synthetic.addition_examples(n, seed=TEST_SEED, max_digits=max_digits)
+    rows = tag_rows(loaded)
+    prompt_feats, split = _prompt_and_answers(loaded, examples, "answer")
+    inc = IncrementalDecoder(loaded.model)
+    tok = loaded.tokenizer
+    retag = make_retagger(loaded) if loaded.cfg.metadata and loaded.shift < 1 else None
+    out = {"n": len(examples), "max_digits": max_digits, "modes": {}}
+    for mode in _modes(loaded):
+        hits, samples = [], []
+        for start in range(0, len(examples), batch_rows):
+            idx = range(start, min(start + batch_rows, len(examples)))
+            if mode == "guided":
+                prompts = [split[i][0][0] for i in idx]
+                guides = [split[i][0][1][rows] for i in idx]
+            else:
+                prompts = [prompt_feats[i] for i in idx]
+                guides = None
+            max_new = max(split[i][0][1].shape[1] for i in idx) + 1
+            decoded = decode_batch(inc, loaded.shift, [p[0] for p in prompts], [p[rows] for p in prompts],
+                                   max_new, guides=guides, retag=retag)
+            for i, dec in zip(idx, decoded):
+                text = tok.decode(dec.ids)
+                hits.append(text.strip() == examples[i]["answer"].strip())
+                if len(samples) < 5:
+                    samples.append({"prompt": examples[i]["prompt"], "answer": examples[i]["answer"],
+                                    "generated": text})
+        res = bucket_accuracy(hits, [e["digits"] for e in examples])
+        res["samples"] = samples
+        out["modes"][mode] = res
+    return out
+
+
+def eval_reasoning(loaded, scorer: Scorer, n: int) -> dict:
+    from lime_jax.data import synthetic
+    from lime_jax.generate import tag_rows
+
+    examples = synthetic.reasoning_examples(n, seed=TEST_SEED)
+    rows = tag_rows(loaded)
+    names, shift, seq_len = loaded.cfg.metadata_names, loaded.shift, loaded.run.seq_len
+    _, split = _prompt_and_answers(loaded, examples, "choices")
+    out = {"n": len(examples), "modes": {}}
+    for mode in _modes(loaded):
+        score_rows, owners = [], []
+        for i, (e, parts) in enumerate(zip(examples, split)):
+            gold = e["choices"].index(e["answer"])
+            gold_tags = parts[gold][1][rows]
+            for prompt_f, choice_f in parts:
+                full = np.concatenate([prompt_f, choice_f], axis=1)[:, -seq_len:]
+                row = segment_row(full, rows, names, shift)
+                n_choice = choice_f.shape[1]
+                if mode in ("guided", "unguided"):
+                    _lime_plus1_answer_tags(row, names, full[rows], n_choice, mode, gold_tags)
+                score_rows.append(row)
+                owners.append((i, n_choice))
+        scores: dict[int, list[float]] = {}
+        for (i, n_choice), (nll, _) in zip(owners, scorer.score(score_rows, seq_len)):
+            scores.setdefault(i, []).append(-float(nll[-n_choice:].sum()))
+        hits = [int(np.argmax(scores[i])) == e["choices"].index(e["answer"]) for i, e in enumerate(examples)]
+        out["modes"][mode] = bucket_accuracy(hits, [e["template"] for e in examples])
+    return out
+
+
+def _lime_plus1_answer_tags(row: dict, names, tags_KxN: np.ndarray, n_answer: int, mode: str,
+                            gold_tags: np.ndarray) -> None:
+    """LIME+1 metadata of a scored prompt + answer row: the answer's pieces carry the gold
+    answer's tags (guided; NONE past the gold's length) or NONE (unguided)."""
+    tags_KxN = tags_KxN.copy()
+    fill = np.full((len(names), n_answer), NONE_ID, np.int32)
+    if mode == "guided":
+        m = min(n_answer, gold_tags.shape[1])
+        fill[:, :m] = gold_tags[:, :m]
+    tags_KxN[:, tags_KxN.shape[1] - n_answer:] = fill
+    shifted = packing.shift_tags(tags_KxN, 1)
+    for k, name in enumerate(names):
+        row[name] = shifted[k]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None = None,
+             max_docs: int | None = None, addition_n: int = 150, addition_digits: int = 3,
+             reasoning_n: int = 100, cloze_context: int = 32, cloze_items_max: int = 300,
+             batch_rows: int = 16) -> dict:
+    """Runs the tasks; returns the results dict (also what `main` writes to eval_results.json)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
+    scorer = Scorer(loaded, batch_rows)
+    res = {"model_dir": loaded.run.model_dir, "step": loaded.step, "arm": loaded.run.arm,
+           "shift": loaded.shift, "tokens_per_step": loaded.run.tokens_per_step,
+           "tokens_seen": loaded.step * loaded.run.tokens_per_step, "modes": _modes(loaded)}
+    docs = manifest = None
+    if {"heldout", "lambada"} & set(tasks):
+        cache_dir = eval_cache_dir or loaded.run.eval_cache_dir
+        if not cache_dir:
+            raise ValueError(f"{loaded.run.model_dir}/config.gin names no run.eval_cache_dir; pass --eval_cache_dir")
+        docs, manifest = read_cache_documents(cache_dir, max_docs)
+        res["eval_cache_dir"] = os.path.abspath(cache_dir)
+    for task in tasks:
+        t0 = time.perf_counter()
+        if task == "heldout":
+            res[task] = eval_heldout(loaded, scorer, docs, manifest)
+        elif task == "lambada":
+            res[task] = eval_lambada(loaded, scorer, docs, manifest, cloze_context, cloze_items_max)
+        elif task == "addition":
+            res[task] = eval_addition(loaded, addition_n, addition_digits)
+        elif task == "reasoning":
+            res[task] = eval_reasoning(loaded, scorer, reasoning_n)
+        res[task]["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def write_results(model_dir: str, res: dict) -> str:
+    path = os.path.join(model_dir, RESULTS_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def summary_lines(res: dict) -> list[str]:
+    lines = [f"{res['model_dir']} ({res['arm']}, step {res['step']})"]
+    if "heldout" in res:
+        h = res["heldout"]
+        lines.append(f"  heldout: loss={h['loss']:.4f} ppl={h['perplexity']:.2f} accuracy={h['accuracy']:.4f} "
+                     f"({h['tokens']} tokens)")
+        places = h["cohesion"]["by_place"]
+        lines.append("  cohesion (accuracy by place in word): " +
+                     " ".join(f"{p}:{v['accuracy']:.3f}" for p, v in places.items()))
+    for task in ("lambada", "addition", "reasoning"):
+        if task in res:
+            modes = res[task]["modes"]
+            lines.append(f"  {task}: " + " ".join(f"{m}={v['accuracy']:.3f}" for m, v in modes.items())
+                         + (f" (n={next(iter(modes.values()))['n']})" if modes else " (no items)"))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lime-jax eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__[__doc__.index("Tasks:"):])
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="default: all")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--cache_dir", default=None, help="cache with spm.model + vocabularies (default: the run's)")
+    p.add_argument("--eval_cache_dir", default=None, help="held-out cache (default: the run's run.eval_cache_dir)")
+    p.add_argument("--max-docs", dest="max_docs", type=int, default=None, help="held-out documents to use")
+    p.add_argument("--addition-n", dest="addition_n", type=int, default=150)
+    p.add_argument("--addition-digits", dest="addition_digits", type=int, default=3)
+    p.add_argument("--reasoning-n", dest="reasoning_n", type=int, default=100)
+    p.add_argument("--cloze-context", dest="cloze_context", type=int, default=32,
+                   help="minimum pieces of context before a cloze word")
+    p.add_argument("--cloze-items", dest="cloze_items", type=int, default=300)
+    p.add_argument("--batch-rows", dest="batch_rows", type=int, default=16)
+    args = p.parse_args(argv)
+    from lime_jax import model_dir
+
+    try:
+        loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)
+        res = evaluate(loaded, args.task, eval_cache_dir=args.eval_cache_dir, max_docs=args.max_docs,
+                       addition_n=args.addition_n, addition_digits=args.addition_digits,
+                       reasoning_n=args.reasoning_n, cloze_context=args.cloze_context,
+                       cloze_items_max=args.cloze_items, batch_rows=args.batch_rows)
+    except (model_dir.ModelDirError, cache_lib.CacheError, ValueError) as e:
+        print(f"lime-jax eval: {e}", file=sys.stderr)
+        return 2
+    path = write_results(args.model_dir, res)
+    print("\n".join(summary_lines(res)))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

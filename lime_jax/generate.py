@@ -1,0 +1,385 @@
+"""`lime-jax generate`: text generation from a trained run, with metadata guidance for LIME+1.
+
+    lime-jax generate --model_dir runs/quickstart/lime --prompt "The President said"
+    lime-jax generate --model_dir DIR --prompt $'Q: What is 12 + 30?\\nA:' --guide "CD CD"
+    lime-jax generate --model_dir DIR --prompt $'Q: What is 12 + 30?\\nA:' --guide-from " 42"
+
+Where the tags of the generated tokens come from depends on the run's metadata shift
+(docs/architecture.md, "Batches"); the output names the source:
+- LIME+1 (shift +1): position i sees the tags of the token it is about to predict, so the caller
+  supplies them ("metadata guidance"):
+    `--guide` lists the tags of the tokens to come, one entry per token: `CD CD .`, entries
+      `POS` or `POS/NER` (`NNP/B-PERSON`); NER defaults to `O`; `NONE` leaves a step unguided.
+      Or JSON: `[{"pos": "CD", "ner": "B-CARDINAL"}, ...]` or `{"pos": [...], "ner": [...]}`.
+      Entries are per SentencePiece token: a piece of whitespace only (a lone "▁", e.g. before
+      digits, " 42" -> "▁" "4" "2") is a step of its own with tag NONE (`NONE CD CD`).
+    `--guide-from TEXT` annotates prompt + TEXT with the training pipeline and uses the tags of
+      TEXT's tokens (oracle guidance, as in the paper). TEXT is appended to the prompt as given
+      (start it with a space where a space belongs).
+  Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS). A
+  guide shorter than `--max-new` guides the first steps and then continues unguided: the
+  remaining steps get NONE, the tag every training document's EOS carries. A guide longer
+  than `--max-new` is an error. Without a guide every step is unguided (NONE).
+- LIME (shift 0) and the leakage control (shift -1): tags of already generated tokens come from
+  re-annotating the decoded prefix after each step (the new token's tags; earlier positions
+  keep the tags they had when they were fed). Guides are rejected.
+- Baseline: no metadata.
+Prompt tags always come from annotating the prompt (with `--guide-from`, prompt + TEXT).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from lime_jax.metadata.vocab import NONE_ID, TagVocab, UnknownTagError
+
+EOS_ID = 1
+NONE_NAMES = ("NONE", "<none>")
+
+
+class GuideError(ValueError):
+    """A guide that does not fit the model or the requested length."""
+
+
+# ----------------------------------------------------------------------------- guides
+
+
+def parse_guide(text: str, vocabs: dict[str, TagVocab], names: Sequence[str]) -> np.ndarray:
+    """A guide string -> int32 [K, G] tag ids (rows in the order of `names`)."""
+    text = text.strip()
+    if not text:
+        raise GuideError("--guide is empty")
+    steps: list[dict[str, str]]
+    if text[0] in "[{":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GuideError(f"--guide: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if isinstance(obj, dict):
+            lengths = {k: len(v) for k, v in obj.items() if isinstance(v, list)}
+            if len(lengths) != len(obj) or len(set(lengths.values())) != 1:
+                raise GuideError(f"--guide: a JSON object needs lists of equal length per tag type, got {lengths}")
+            n = next(iter(lengths.values()))
+            steps = [{k: v[i] for k, v in obj.items()} for i in range(n)]
+        elif isinstance(obj, list) and all(isinstance(s, dict) for s in obj):
+            steps = obj
+        else:
+            raise GuideError('--guide: JSON must be [{"pos": ..., "ner": ...}, ...] or {"pos": [...], "ner": [...]}')
+    else:
+        steps = []
+        for entry in text.split():
+            pos, _, ner = entry.partition("/")
+            steps.append({"pos": pos, "ner": ner or "O"} if pos not in NONE_NAMES else {"pos": pos, "ner": pos})
+    out = np.full((len(names), len(steps)), NONE_ID, np.int32)
+    for j, step in enumerate(steps):
+        unknown = [k for k in step if k not in names]
+        if unknown:
+            raise GuideError(f"--guide step {j + 1}: tag type(s) {unknown} not among the model's tables {list(names)}")
+        for k, name in enumerate(names):
+            tag = step.get(name, "O" if name == "ner" else None)
+            if tag is None:
+                raise GuideError(f"--guide step {j + 1}: no {name} tag")
+            if tag in NONE_NAMES:
+                continue
+            try:
+                out[k, j] = vocabs[name].id(str(tag))
+            except UnknownTagError as e:
+                raise GuideError(f"--guide step {j + 1}: {e}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- decoding loop
+
+
+@dataclasses.dataclass
+class Decoded:
+    ids: list[int]  # generated ids, EOS excluded
+    tags: np.ndarray  # int32 [K, len(ids)]: the tags of each generated token (see decode_batch)
+    stopped_at_eos: bool
+
+
+def decode_batch(
+    inc,
+    shift: int,
+    prompts: Sequence[np.ndarray],
+    prompt_tags: Sequence[np.ndarray],
+    max_new: int,
+    *,
+    guides: Sequence[np.ndarray | None] | None = None,
+    retag: Callable[[list[list[int]]], list[np.ndarray]] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[Decoded]:
+    """Generates up to `max_new` tokens after each prompt (one batch, left-padded).
+
+    `prompts[b]`: piece ids t_1..t_n (no BOS, no EOS); `prompt_tags[b]`: int32 [K, n] for the
+    model's K tables (K = 0 for the baseline). Position i of a row sees the tags of token
+    t_{i + shift} (t_0 = BOS: NONE). Tags of tokens past the prompt come from `guides[b]`
+    ([K, G], then NONE) for shift +1, from `retag(sequences)` (tags of every token of each
+    sequence) for shift <= 0. `Decoded.tags` holds, per generated token, the tags that stand
+    for it: the guide entry the model saw when predicting it (shift +1) or its re-annotation.
+    """
+    cfg = inc.cfg
+    names = cfg.metadata_names
+    K, B = len(names), len(prompts)
+    if not K:
+        source = "none"
+    elif shift >= 1:
+        source = "guide"
+    else:
+        source = "retag"
+        if retag is None:
+            raise ValueError(f"a model with metadata shift {shift} needs `retag` for generated tokens")
+    lengths = [len(p) for p in prompts]
+    P = max(lengths) + 1  # + BOS
+    tags: list[list[np.ndarray]] = [[prompt_tags[b][:, i] for i in range(lengths[b])] for b in range(B)]
+    none = np.full((K,), NONE_ID, np.int32)
+
+    def tags_of(b: int, k: int) -> np.ndarray:
+        """Tags of token t_k of row b (t_0 = BOS)."""
+        if k <= 0:
+            return none
+        if k <= len(tags[b]):
+            return tags[b][k - 1]
+        if source == "guide" and guides is not None and guides[b] is not None:
+            g = k - lengths[b] - 1
+            if g < guides[b].shape[1]:
+                return guides[b][:, g]
+        return none
+
+    tokens = np.zeros((B, P), np.int32)
+    valid = np.zeros((B, P), bool)
+    meta = np.zeros((K, B, P), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, P - n:] = prompts[b]
+        valid[b, P - n - 1:] = True
+        for i in range(n + 1):
+            meta[:, b, P - n - 1 + i] = tags_of(b, i + shift)
+
+    import jax
+
+    cache = inc.init_cache(B, P + max_new)
+    logits, cache = inc.extend(cache, tokens, {name: meta[k] for k, name in enumerate(names)}, valid)
+    key = jax.random.key(seed)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    gen_tags: list[list[np.ndarray]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    for step in range(max_new):
+        key, sub = jax.random.split(key)
+        next_ids = np.asarray(inc.sample(logits[:, -1], sub, temperature, top_k, top_p))
+        for b in range(B):
+            if done[b]:
+                continue
+            if next_ids[b] == EOS_ID:
+                done[b] = True
+            else:
+                generated[b].append(int(next_ids[b]))
+        if source == "guide":
+            for b in range(B):
+                if len(gen_tags[b]) < len(generated[b]):
+                    gen_tags[b].append(tags_of(b, lengths[b] + len(generated[b])))
+        active = [b for b in range(B) if not done[b]]
+        if source == "retag" and active:
+            fresh = retag([list(map(int, prompts[b])) + generated[b] for b in active])
+            for b, t in zip(active, fresh):
+                tags[b] = [t[:, i] for i in range(t.shape[1])]
+                tags[b][:lengths[b]] = [prompt_tags[b][:, i] for i in range(lengths[b])]
+                gen_tags[b].append(t[:, -1])
+        if done.all() or step == max_new - 1:
+            break
+        step_meta = np.zeros((K, B, 1), np.int32)
+        for b in range(B):
+            k = lengths[b] + len(generated[b])  # index of the token fed now
+            step_meta[:, b, 0] = tags_of(b, k + shift)
+        feed = np.where(done, 0, next_ids).astype(np.int32)[:, None]
+        logits, cache = inc.extend(cache, feed, {name: step_meta[k] for k, name in enumerate(names)})
+    return [Decoded(ids=generated[b],
+                    tags=np.stack(gen_tags[b], axis=1) if gen_tags[b] else np.zeros((K, 0), np.int32),
+                    stopped_at_eos=bool(done[b])) for b in range(B)]
+
+
+# ----------------------------------------------------------------------------- text level
+
+
+def tag_rows(loaded) -> list[int]:
+    """Feature rows of the cache format that hold the model's tables, in table order."""
+    from lime_jax.metadata.pipeline import FEATURES
+
+    rows = []
+    for name in loaded.cfg.metadata_names:
+        if f"targets_{name}" not in FEATURES:
+            raise ValueError(f"model table {name!r} has no feature targets_{name} in the annotation pipeline")
+        rows.append(FEATURES.index(f"targets_{name}"))
+    return rows
+
+
+def annotate_texts(loaded, texts: Sequence[str]) -> list[np.ndarray]:
+    """[4, L] pipeline features of each text, EOS dropped (empty text: [4, 0])."""
+    from lime_jax.metadata.pipeline import FEATURES
+
+    feats, _ = loaded.processor.process(list(texts))
+    return [np.zeros((len(FEATURES), 0), np.int32) if f is None else f[:, :-1] for f in feats]
+
+
+def split_prompt(loaded, prompt: str, continuation: str, prompt_feats: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Features of prompt + continuation, split into the prompt's and the continuation's pieces.
+
+    Raises GuideError when the continuation changes how the prompt is tokenized.
+    """
+    if prompt_feats is None:
+        prompt_feats = annotate_texts(loaded, [prompt])[0]
+    full = annotate_texts(loaded, [prompt + continuation])[0]
+    n = prompt_feats.shape[1]
+    if full.shape[1] < n or not np.array_equal(full[0, :n], prompt_feats[0]):
+        raise GuideError(f"the continuation {continuation!r} changes the tokenization of the prompt's end; "
+                         "start it with a space (it is appended to the prompt as given)")
+    return full[:, :n], full[:, n:]
+
+
+def make_retagger(loaded) -> Callable[[list[list[int]]], list[np.ndarray]]:
+    """`retag(sequences)`: tags of every piece of each id sequence, by annotating its decoded text.
+
+    Pieces are mapped to words by character offsets (a piece takes the tags of the word holding
+    its first non-space character), so any segmentation the model produced can be tagged.
+    """
+    from lime_jax.metadata import align
+
+    tok, annotator = loaded.tokenizer, loaded.processor.annotator
+    names = loaded.cfg.metadata_names
+
+    def retag(seqs: list[list[int]]) -> list[np.ndarray]:
+        texts, spans = [], []
+        for ids in seqs:
+            text = tok.decode(ids)
+            begins = np.array([len(tok.decode(ids[:k])) for k in range(len(ids))], np.int64)
+            ends = np.append(begins[1:], len(text)).astype(np.int64)
+            texts.append(text)
+            spans.append((begins, ends))
+        docs = annotator.annotate(texts)
+        out = []
+        for ids, text, (begins, ends), doc in zip(seqs, texts, spans, docs):
+            by_name = {"pos": doc.pos, "ner": doc.ner}
+            tag_list, _ = align.align_plain(text, begins, ends, tok.has_content[np.asarray(ids, np.int64)],
+                                            doc.starts, doc.ends, [by_name[n] for n in names])
+            out.append(np.stack(tag_list).astype(np.int32))
+        return out
+
+    return retag
+
+
+def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | None = None,
+             guide_from: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0) -> dict:
+    """One prompt -> `{"text", "pieces", "tags", "tags_source", "stopped_at_eos", ...}`."""
+    from lime_jax.model.decode import IncrementalDecoder
+
+    cfg, shift = loaded.cfg, loaded.shift
+    names = cfg.metadata_names
+    if guide is not None and guide_from is not None:
+        raise GuideError("give either --guide or --guide-from, not both")
+    guided = guide is not None or guide_from is not None
+    if guided and not names:
+        raise GuideError(f"{loaded.run.model_dir} is a baseline run (no metadata tables): it takes no guide")
+    if guided and shift < 1:
+        raise GuideError(f"{loaded.run.model_dir} has metadata shift {shift} ({loaded.run.arm}): its tags come "
+                         "from re-annotating the generated text, so it takes no guide; guides need a "
+                         "LIME+1 run (METADATA_SHIFT = 1)")
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    rows = tag_rows(loaded)
+    guide_ids = parse_guide(guide, loaded.vocabs, names) if guide is not None else None
+    if guide_ids is not None and max_new is not None and guide_ids.shape[1] > max_new:
+        raise GuideError(f"the guide has {guide_ids.shape[1]} steps but --max-new is {max_new}: a guide may "
+                         "not be longer than the generation (give a larger --max-new or a shorter guide)")
+    prompt_feats = annotate_texts(loaded, [prompt])[0]
+    if guide_ids is not None:
+        source = "guide"
+    elif guide_from is not None:
+        prompt_feats, cont = split_prompt(loaded, prompt, guide_from, prompt_feats)
+        guide_ids = cont[rows]
+        source = "guide-from (oracle tags of the reference)"
+    else:
+        source = ("none (baseline)" if not names else
+                  "unguided (NONE for every generated step)" if shift >= 1 else
+                  "re-annotation of the decoded prefix")
+    if max_new is None:
+        max_new = guide_ids.shape[1] + 1 if guide_ids is not None else 32
+    if max_new < 1:
+        raise GuideError(f"--max-new must be >= 1, got {max_new}")
+    if guide_ids is not None and guide_ids.shape[1] > max_new:
+        raise GuideError(f"the guide has {guide_ids.shape[1]} steps but --max-new is {max_new}: a guide may "
+                         "not be longer than the generation (give a larger --max-new or a shorter guide)")
+    if prompt_feats.shape[1] == 0:
+        raise ValueError("the prompt tokenizes to no pieces")
+    inc = IncrementalDecoder(loaded.model)
+    out = decode_batch(inc, shift, [prompt_feats[0]], [prompt_feats[rows]], max_new,
+                       guides=[guide_ids], retag=make_retagger(loaded) if names and shift < 1 else None,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
+    tok = loaded.tokenizer
+    tags = [{name: loaded.vocabs[name].tag(int(out.tags[k, j])) for k, name in enumerate(names)}
+            for j in range(len(out.ids))]
+    prompt_ids = list(prompt_feats[0])
+    # Decoding the whole sequence keeps the space between the prompt and the continuation.
+    return {"prompt": prompt, "text": tok.decode(prompt_ids + out.ids)[len(tok.decode(prompt_ids)):],
+            "pieces": [tok.id_to_piece(i) for i in out.ids], "ids": out.ids, "tags": tags,
+            "tags_source": source, "stopped_at_eos": out.stopped_at_eos, "arm": loaded.run.arm,
+            "step": loaded.step,
+            "guide_steps": None if guide_ids is None else int(guide_ids.shape[1])}
+
+
+def format_result(res: dict) -> str:
+    lines = [res["prompt"] + res["text"], "",
+             f"run: {res['arm']} (step {res['step']}); tags source: {res['tags_source']}"
+             + ("" if res["stopped_at_eos"] else "; stopped at --max-new")]
+    if res["tags"] and res["tags"][0]:
+        width = max(len(p) for p in res["pieces"]) + 2
+        lines.append(f"{'piece':<{width}} " + " ".join(f"{k:<12}" for k in res["tags"][0]))
+        for piece, t in zip(res["pieces"], res["tags"]):
+            lines.append(f"{piece:<{width}} " + " ".join(f"{v:<12}" for v in t.values()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lime-jax generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__[__doc__.index("Where the tags"):])
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--prompt", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--guide", help="LIME+1: tags of the tokens to come, e.g. 'CD CD .' or JSON")
+    g.add_argument("--guide-from", dest="guide_from", metavar="TEXT",
+                   help="LIME+1: oracle guidance from annotating prompt + TEXT")
+    p.add_argument("--max-new", dest="max_new", type=int, default=None,
+                   help="tokens to generate (default 32; guided: guide length + 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", dest="top_k", type=int, default=0)
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--cache_dir", default=None, help="cache holding spm.model and the tag vocabularies "
+                   "(default: the run's training cache)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    from lime_jax import model_dir
+
+    try:
+        loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)
+        res = generate(loaded, args.prompt, max_new=args.max_new, guide=args.guide, guide_from=args.guide_from,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except (model_dir.ModelDirError, GuideError, ValueError) as e:
+        print(f"lime-jax generate: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1) if args.json else format_result(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
