@@ -74,7 +74,7 @@ def format_table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lime-jax quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quickstart", help="where everything is written")
-    p.add_argument("--train-docs", type=int, default=4000, help="bundled training documents to annotate")
+    p.add_argument("--train-docs", type=int, default=3000, help="bundled training documents to annotate")
     p.add_argument("--heldout-docs", type=int, default=200, help="held-out documents to annotate")
     p.add_argument("--spm-docs", type=int, default=6000, help="documents to train SentencePiece on")
     p.add_argument("--workers", type=int, default=2, help="annotation processes")
