@@ -56,13 +56,30 @@ def _init_worker(spacy_model: str, ner_scheme: str, use_blis: bool, spm_model: s
     _PROCESSOR = DocumentProcessor(annotator, spm_model, tokenization)
 
 
-def _process_task(task: tuple[int, list[str], list[str]]):
-    shard_index, ids, texts = task
+def _process_task(task: tuple[int, list[str], list[str], str]):
+    shard_index, ids, texts, on_error = task
     try:
         features, stats = _PROCESSOR.process(texts)
-    except Exception as e:  # name the documents of the failing batch, then re-raise
-        raise RuntimeError(f"failed on documents {ids[0]} .. {ids[-1]}: {e}") from e
-    return shard_index, features, stats
+        return shard_index, features, stats, []
+    except Exception:  # find the document(s) at fault: process the batch one by one
+        pass
+    features, stats, skipped = [], Stats(), []
+    for doc_id, text in zip(ids, texts):
+        try:
+            one, one_stats = _PROCESSOR.process([text])
+        except Exception as e:
+            if on_error == "fail":
+                raise RuntimeError(f"document {doc_id} cannot be processed: {type(e).__name__}: {e} "
+                                   "(pass --on-error skip to skip such documents; they are counted "
+                                   "and listed in the manifest)") from e
+            features.append(None)
+            stats.documents += 1
+            stats.skipped_documents += 1
+            skipped.append({"id": doc_id, "error": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        features += one
+        stats.add(one_stats)
+    return shard_index, features, stats, skipped
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -168,7 +185,7 @@ def annotate_corpus(args) -> dict:
     if args.max_docs is not None:
         docs = (d for i, d in zip(range(args.max_docs), docs))
 
-    pending: dict[int, dict] = {}  # shard index -> {"features": [...], "stats": Stats, "left": n}
+    pending: dict[int, dict] = {}  # shard index -> {"features", "stats", "skipped", "left"}
     progress_entries = dict(done)
     progress = Progress(args.max_docs, "annotate")
 
@@ -177,19 +194,23 @@ def annotate_corpus(args) -> dict:
             if shard_index in done:
                 continue
             batches = list(_chunks(iter(chunk), TASK_DOCS))
-            pending[shard_index] = {"features": [], "stats": Stats(), "left": len(batches)}
+            pending[shard_index] = {"features": [], "stats": Stats(), "skipped": [], "left": len(batches)}
             for batch in batches:
-                yield shard_index, [d[0] for d in batch], [d[1] for d in batch]
+                yield shard_index, [d[0] for d in batch], [d[1] for d in batch], args.on_error
 
-    def finish(shard_index: int, features, stats: Stats) -> None:
+    def finish(shard_index: int, features, stats: Stats, skipped: list[dict]) -> None:
         entry = pending[shard_index]
         entry["features"].extend(f for f in features if f is not None)
         entry["stats"].add(stats)
+        entry["skipped"] += skipped
+        for s in skipped:
+            print(f"annotate: skipped document {s['id']}: {s['error']}", file=sys.stderr, flush=True)
         entry["left"] -= 1
         progress.update(stats.documents, stats.words)
         if entry["left"] == 0:
             shard = cache_lib.write_shard(out, shard_index, entry["features"])
-            progress_entries[shard_index] = {"shard": shard, "stats": vars(entry["stats"])}
+            progress_entries[shard_index] = {"shard": shard, "stats": vars(entry["stats"]),
+                                             "skipped": entry["skipped"]}
             _write_json(os.path.join(out, PROGRESS_NAME),
                         {"settings": settings, "shards": {str(k): v for k, v in progress_entries.items()}})
             del pending[shard_index]
@@ -230,11 +251,14 @@ def annotate_corpus(args) -> dict:
         "tokenization": args.tokenization,
         "spacy": {"model": args.spacy_model, "version": annotator.version, "ner_scheme": args.ner_scheme},
         "counts": {"documents": totals.documents, "empty_documents": totals.empty_documents,
+                   "skipped_documents": totals.skipped_documents,
                    "records": sum(e["shard"]["num_records"] for e in progress_entries.values()),
                    "words": totals.words, "pieces": totals.pieces},
         "throughput": {"seconds": round(seconds, 3), "workers": args.workers,
                        "words_per_second": round(progress.words / max(seconds, 1e-9), 1)},
         "settings": settings,
+        # Documents that could not be processed (only with --on-error skip), by input position.
+        "skipped_documents": [s for k in sorted(progress_entries) for s in progress_entries[k].get("skipped", [])],
     }
     cache_lib.write_manifest(out, manifest)
     os.remove(os.path.join(out, PROGRESS_NAME))
@@ -258,9 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-per-shard", type=int, default=2000)
     p.add_argument("--max-docs", type=int, default=None, help="annotate the first N documents only")
     p.add_argument("--utf8-errors", choices=["strict", "replace"], default="strict",
-                   help="invalid UTF-8 in a .txt input: fail naming file, line and byte (strict), "
+                   help="invalid UTF-8 in an input: fail naming file, line and byte (strict), "
                         "or substitute U+FFFD (replace)")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a document that cannot be processed (e.g. a lone surrogate escape in JSONL): "
+                        "stop naming its position (fail), or skip it, listing it and its error in the "
+                        "manifest's 'skipped_documents' and counting it (skip)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    p.add_argument("--runner", choices=["local", "beam"], default="local",
+                   help="local: --workers processes on this machine; beam: an Apache Beam pipeline "
+                        "(pip install 'lime_jax[beam]'; see docs/scaling.md)")
+    p.add_argument("--beam_options", default="",
+                   help="Beam pipeline options as one string (write it as --beam_options=\"...\"), e.g. "
+                        "--beam_options=\"--runner=DataflowRunner --project=P --region=R "
+                        "--temp_location=gs://B/tmp\" (default: DirectRunner)")
     return p
 
 
@@ -270,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         print("lime-jax annotate: --workers and --docs-per-shard must be >= 1", file=sys.stderr)
         return 2
     try:
-        manifest = annotate_corpus(args)
+        if args.runner == "beam":
+            from lime_jax import beam_annotate  # needs the optional apache-beam install
+
+            manifest = beam_annotate.annotate_corpus(args)
+        else:
+            manifest = annotate_corpus(args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"lime-jax annotate: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Any
 
 import gin
@@ -62,10 +63,18 @@ def read_run_config(model_dir: str) -> RunConfig:
         raise ModelDirError(f"{model_dir}: model directory does not exist")
     if not os.path.isfile(path):
         raise ModelDirError(f"{path}: not found; is {model_dir} a model dir written by `lime-jax train`?")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    # gin executes `import` lines and reads `include`d files: a model dir from someone else
+    # must not run code here. Operative configs written by the trainer hold bindings only.
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if re.match(r"\s*(import|from|include)\b", line):
+            raise ModelDirError(f"{path}: line {line_no}: refusing {line.split()[0]!r} statements in a model "
+                                "dir's config (loading a model dir runs no code from it)")
     with gin.unlock_config():
         gin.clear_config()
         try:
-            gin.parse_config_file(path, skip_unknown=True)
+            gin.parse_config(text, skip_unknown=True)
             cfg = ModelConfig()
             run = gin.get_bindings("run")
         except (ValueError, TypeError, SyntaxError) as e:

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lime_jax import checkpoint as ckpt_lib
+from lime_jax import distributed
 from lime_jax import metrics as metrics_lib
 from lime_jax import optim
 from lime_jax.data import loader
@@ -65,7 +66,11 @@ def parse_gin(config_files: Sequence[str], bindings: Sequence[str]) -> None:
     Relative config paths are looked up in the current directory, then in the repo's `gin/`.
     """
     gin.clear_config()
-    gin.add_config_file_search_path(GIN_DIR)
+    # The repo's gin/ first: gin tries the bare path before the search path, and for
+    # `include 'runs/x.gin'` that imports any `runs` directory in the working directory as a
+    # Python package (a quickstart's output, say), which fails.
+    if GIN_DIR not in gin.config._LOCATION_PREFIXES:
+        gin.config._LOCATION_PREFIXES.insert(0, GIN_DIR)
     files = [_find_gin_file(f) for f in config_files]
     root = logging.getLogger()
     root.addFilter(_quiet_gin_path_probe)
@@ -113,8 +118,9 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
                         help="gin config file (repeatable; relative paths also searched in the repo's gin/)")
     parser.add_argument("--gin_bindings", action="append", default=[],
                         help="a gin binding line such as 'TRAIN_STEPS = 100' (repeatable)")
+    distributed.add_flags(parser)
     args, rest = parser.parse_known_args(list(argv))
-    bindings = list(args.gin_bindings)
+    bindings = list(args.gin_bindings) + distributed.flag_bindings(args)
     for arg in rest:
         if not arg.startswith("--gin.") or "=" not in arg:
             parser.error(f"unrecognized argument {arg!r} (expected --gin.KEY=VALUE)")
@@ -254,8 +260,8 @@ def run(
     many steps with a checkpoint, as a preemption would.
     """
     t_start = time.perf_counter()
-    if initialize_distributed:
-        jax.distributed.initialize()
+    # Flags, JAX_* variables or a cluster launcher make this one of several processes.
+    distributed.distributed_setup(force=initialize_distributed)
     for name, value in (("train_steps", train_steps), ("seq_len", seq_len), ("batch_size", batch_size),
                         ("eval_every", eval_every), ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 1:
@@ -268,6 +274,7 @@ def run(
         raise ConfigError(f"run.batch_size={batch_size} must be divisible by processes ({n_proc}) x "
                           f"OptimizerConfig.grad_accum_steps ({opt_cfg.grad_accum_steps})")
     is_chief = jax.process_index() == 0
+    distributed.quiet_non_chief_logs()
     os.makedirs(model_dir, exist_ok=True)
 
     mesh = sharding.make_mesh(_resolve_mesh_shape(mesh_shape, jax.device_count()))
@@ -279,7 +286,7 @@ def run(
     data_kwargs = dict(seq_len=seq_len, batch_size=batch_size // n_proc, shift=metadata_shift,
                        tags=cfg.metadata_names, expected_vocab_sizes=expected_sizes,
                        check_hashes=check_cache_hashes, read_threads=read_threads)
-    train_ds = loader.build_dataset(cache_dir, seed=seed, worker_count=worker_count, **data_kwargs)
+    train_ds = distributed.process_dataset(cache_dir, seed=seed, worker_count=worker_count, **data_kwargs)
     eval_ds = None
     if eval_cache_dir:
         eval_ds = loader.build_dataset(eval_cache_dir, shuffle=False, num_epochs=1, **data_kwargs)
@@ -311,15 +318,13 @@ def run(
         else:
             abstract_train = {"step": jax.ShapeDtypeStruct((), jnp.int32),
                               "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed)))}
-            params, opt_state, train_state = checkpointer.restore(
-                start,
+            # The newest checkpoint whose files match their seal; damaged newer ones are
+            # reported and moved aside, none intact raises CheckpointError.
+            start, (params, opt_state, train_state) = checkpointer.restore_newest_intact(
                 ckpt_lib.with_shardings(abstract_params, param_sh),
                 ckpt_lib.with_shardings(abstract_opt, opt_sh),
                 ckpt_lib.with_shardings(abstract_train, train_sh),
                 data_iter)
-            if int(train_state["step"]) != start:
-                raise TrainingError(f"checkpoint {start} in {checkpointer.directory} holds step "
-                                    f"{int(train_state['step'])}")
             log.info("resumed from %s at step %d", checkpointer.directory, start)
 
     step_fn = jax.jit(
@@ -492,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         summary = run()
-    except (ConfigError, TrainingError, CacheError) as e:
+    except (ConfigError, TrainingError, CacheError, ckpt_lib.CheckpointError) as e:
         log.error("%s", e)
         return 1
     log.info("done: %s", {k: v for k, v in summary.items() if v is not None})

@@ -259,3 +259,9 @@ def test_sigterm_saves_and_exits_zero(caches, tmp_path):
     latest = ckpt_lib.Checkpointer(model_dir, read_only=True).latest_step()
     assert latest is not None and latest >= 3
     assert "SIGTERM" in err
+    # The checkpoint is of the step it was at (CHECKPOINT_EVERY is far away), and resume
+    # continues from there.
+    assert latest == max(_train_losses(model_dir))
+    resumed = train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches, **{
+        "TRAIN_STEPS": 100000, "CHECKPOINT_EVERY": 100000, "EVAL_EVERY": 100000}), stop_after_steps=2)
+    assert resumed["start_step"] == latest and resumed["step"] == latest + 2

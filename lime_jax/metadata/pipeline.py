@@ -24,6 +24,7 @@ FEATURES = ("targets", "targets_pos", "targets_ner", "subword_index")
 class Stats:
     documents: int = 0
     empty_documents: int = 0
+    skipped_documents: int = 0  # could not be processed; skipped by explicit policy
     words: int = 0
     pieces: int = 0
 

@@ -1,0 +1,173 @@
+"""`lime-jax annotate --runner beam`: the annotate-tokenize-align stage as an Apache Beam pipeline.
+
+    lime-jax annotate --runner beam --input 'corpus/*.jsonl.gz' --spm spm.model --out CACHE \
+        --beam_options="--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
+
+Stages: input files -> read documents (one task per file, in workers) -> group into shards of
+`--docs-per-shard` documents of one file -> `AnnotateShardFn` (spaCy + SentencePiece loaded once
+per worker in `DoFn.setup`, then the same `DocumentProcessor` code as the local path, via
+`lime_jax.annotate`) writes each shard with `lime_jax.data.cache.write_shard` into a staging
+directory -> the driver numbers the shards, moves them into the cache and writes the same
+manifest, vocab files and `spm.model` as `--runner local`. The cache holds the same documents
+as a local run of the same inputs (shards are cut per input file, so their order and sizes can
+differ).
+
+Workers write with plain file I/O: `--out` must be a directory every worker can see (local disk
+for the DirectRunner; an NFS/Filestore or GCS FUSE mount on Dataflow, Flink or Spark workers).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from lime_jax import annotate as local
+from lime_jax.data import cache as cache_lib
+from lime_jax.metadata import inputs as inputs_lib
+from lime_jax.metadata.pipeline import FEATURES, Stats
+
+STAGING_NAME = ".beam-staging"
+RUNNER = "beam"
+
+
+def _read_file(element: tuple[int, str], errors: str, docs_per_shard: int,
+               max_docs: int | None) -> Iterator[tuple[tuple[int, int], tuple[int, str, str]]]:
+    """(file index, path) -> ((file index, shard in file), (doc index, doc id, text)) per document."""
+    file_index, path = element
+    for i, (doc_id, text) in enumerate(inputs_lib.iter_input_documents([path], errors=errors)):
+        if max_docs is not None and i >= max_docs:
+            return
+        yield (file_index, i // docs_per_shard), (i, doc_id, text)
+
+
+class AnnotateShardFn(beam.DoFn):
+    """Annotates, tokenizes and aligns one shard's documents and writes its ArrayRecord file."""
+
+    def __init__(self, worker_args: tuple, staging_dir: str, on_error: str):
+        self._worker_args = worker_args
+        self._on_error = on_error
+        self._staging_dir = staging_dir
+        self._loads = Metrics.counter("lime_jax", "processor_loads")
+        self._shards = Metrics.counter("lime_jax", "shards")
+
+    def setup(self):
+        # spaCy and SentencePiece load once per DoFn instance (per worker thread/process),
+        # not per element: the same initialiser the local worker pool uses.
+        local._init_worker(*self._worker_args)
+        self._fresh = True  # counted on first use: Beam drops metrics reported from setup()
+
+    def process(self, element):
+        if self._fresh:
+            self._loads.inc()
+            self._fresh = False
+        (file_index, shard_in_file), docs = element
+        docs = sorted(docs)
+        features, stats, skipped = [], Stats(), []
+        for batch in local._chunks(iter(docs), local.TASK_DOCS):
+            _, out, s, bad = local._process_task(
+                (0, [d[1] for d in batch], [d[2] for d in batch], self._on_error))
+            features.extend(f for f in out if f is not None)
+            stats.add(s)
+            skipped += bad
+        shard_dir = os.path.join(self._staging_dir, f"{file_index:05d}-{shard_in_file:07d}")
+        entry = cache_lib.write_shard(shard_dir, 0, features)
+        self._shards.inc()
+        yield json.dumps({"key": [file_index, shard_in_file], "dir": shard_dir, "shard": entry,
+                          "stats": vars(stats), "skipped": skipped})
+
+
+def build_pipeline(p: beam.Pipeline, paths: list[str], args, staging_dir: str) -> None:
+    worker_args = (args.spacy_model, args.ner_scheme, args.use_blis, args.spm, args.tokenization)
+    (p
+     | "Files" >> beam.Create(list(enumerate(paths)))
+     # Each file is read where it is processed; a reshuffle spreads its documents' shards.
+     | "Read" >> beam.FlatMap(_read_file, args.utf8_errors, args.docs_per_shard, args.max_docs)
+     | "Shards" >> beam.GroupByKey()
+     | "Annotate" >> beam.ParDo(AnnotateShardFn(worker_args, staging_dir, args.on_error))
+     | "Results" >> beam.io.WriteToText(os.path.join(staging_dir, "results"), file_name_suffix=".jsonl"))
+
+
+def annotate_corpus(args) -> dict:
+    """The Beam counterpart of `lime_jax.annotate.annotate_corpus` (same args, same cache)."""
+    paths = inputs_lib.resolve_inputs(args.input)
+    if args.max_docs is not None and len(paths) > 1:
+        raise ValueError("--max-docs with --runner beam needs a single input file (files are read in "
+                         "parallel, so 'the first N documents' of several files is not defined)")
+    settings = dict(local._settings(args, paths), runner=RUNNER)
+    out = args.out
+    if os.path.exists(os.path.join(out, cache_lib.MANIFEST_NAME)):
+        manifest = cache_lib.load_manifest(out)
+        if manifest.get("settings") == settings:
+            cache_lib.verify_cache(out)
+            print(f"{out} is up to date ({manifest['counts']['documents']} documents); nothing to do")
+            return manifest
+        if not args.overwrite:
+            raise ValueError(f"{out} holds a cache built from other inputs or settings; "
+                             "choose another --out or pass --overwrite")
+    if os.path.isdir(out) and (args.overwrite or os.path.isdir(os.path.join(out, STAGING_NAME))):
+        shutil.rmtree(out)  # Beam retries failed bundles itself; a new run starts clean
+    staging = os.path.join(out, STAGING_NAME)
+    os.makedirs(staging)
+
+    options = PipelineOptions(shlex.split(args.beam_options or ""))
+    t0 = time.time()
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, paths, args, os.path.abspath(staging))
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.time() - t0
+    counters = {c.key.metric.name: c.committed for c in
+                result.metrics().query(beam.metrics.MetricsFilter().with_namespace("lime_jax"))["counters"]}
+
+    results = []
+    for path in sorted(glob.glob(os.path.join(staging, "results*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            results += [json.loads(line) for line in f if line.strip()]
+    results.sort(key=lambda r: r["key"])
+    shards, totals = [], Stats()
+    for k, r in enumerate(results):
+        name = cache_lib.shard_name(k)
+        os.replace(os.path.join(r["dir"], r["shard"]["path"]), os.path.join(out, name))
+        shards.append(dict(r["shard"], path=name))
+        totals.add(Stats(**r["stats"]))
+
+    # The driver loads the processor once too, for the vocabularies it writes beside the cache.
+    local._init_worker(args.spacy_model, args.ner_scheme, args.use_blis, args.spm, args.tokenization)
+    processor = local._PROCESSOR
+    for name, vocab in processor.vocabularies.items():
+        vocab.save(os.path.join(out, f"vocab_{name.removeprefix('targets_')}.json"))
+    shutil.copyfile(args.spm, os.path.join(out, local.SPM_NAME))
+    manifest = {
+        "format": cache_lib.FORMAT,
+        "features": list(FEATURES),
+        "shards": shards,
+        "vocab_sizes": processor.vocab_sizes,
+        "vocab_files": {k: f"vocab_{k.removeprefix('targets_')}.json" for k in processor.vocabularies},
+        "spm_model": local.SPM_NAME,
+        "spm_sha256": settings["spm_sha256"],
+        "tokenization": args.tokenization,
+        "spacy": {"model": args.spacy_model, "version": processor.annotator.version,
+                  "ner_scheme": args.ner_scheme},
+        "counts": {"documents": totals.documents, "empty_documents": totals.empty_documents,
+                   "skipped_documents": totals.skipped_documents, "records": sum(s["num_records"] for s in shards), "words": totals.words,
+                   "pieces": totals.pieces},
+        "throughput": {"seconds": round(seconds, 3), "workers": RUNNER,
+                       "words_per_second": round(totals.words / max(seconds, 1e-9), 1),
+                       # processor_loads: DoFn set-ups, i.e. spaCy loads (one per worker).
+                       "beam": {"runner": type(p.runner).__name__, **counters}},
+        "settings": settings,
+        "skipped_documents": [s for r in results for s in r["skipped"]],
+    }
+    cache_lib.write_manifest(out, manifest)
+    shutil.rmtree(staging)
+    print(f"beam: {len(shards)} shards, {totals.documents} documents in {seconds:.1f} s", file=sys.stderr)
+    return manifest
