@@ -159,20 +159,29 @@ def _load_progress(out: str, settings: dict, overwrite: bool) -> dict[int, dict]
     return done
 
 
+def finished_cache(out: str, settings: dict, overwrite: bool) -> dict | None:
+    """The manifest of a verified cache in `out` built with `settings` (a re-run is a no-op);
+    None if there is none. A cache built with other settings is an error unless `overwrite`."""
+    if not os.path.exists(os.path.join(out, cache_lib.MANIFEST_NAME)):
+        return None
+    manifest = cache_lib.load_manifest(out)
+    if manifest.get("settings") == settings:
+        cache_lib.verify_cache(out)
+        print(f"{out} is up to date ({manifest['counts']['documents']} documents); nothing to do")
+        return manifest
+    if not overwrite:
+        raise ValueError(f"{out} holds a cache built from other inputs or settings; "
+                         "choose another --out or pass --overwrite")
+    return None
+
+
 def annotate_corpus(args) -> dict:
     paths = inputs_lib.resolve_inputs(args.input)
     settings = _settings(args, paths)
     out = args.out
-    manifest_path = os.path.join(out, cache_lib.MANIFEST_NAME)
-    if os.path.exists(manifest_path):
-        manifest = cache_lib.load_manifest(out)
-        if manifest.get("settings") == settings:
-            cache_lib.verify_cache(out)
-            print(f"{out} is up to date ({manifest['counts']['documents']} documents); nothing to do")
-            return manifest
-        if not args.overwrite:
-            raise ValueError(f"{out} holds a cache built from other inputs or settings; "
-                             "choose another --out or pass --overwrite")
+    finished = finished_cache(out, settings, args.overwrite)
+    if finished is not None:
+        return finished
     if args.overwrite and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)

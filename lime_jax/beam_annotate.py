@@ -104,15 +104,9 @@ def annotate_corpus(args) -> dict:
                          "parallel, so 'the first N documents' of several files is not defined)")
     settings = dict(local._settings(args, paths), runner=RUNNER)
     out = args.out
-    if os.path.exists(os.path.join(out, cache_lib.MANIFEST_NAME)):
-        manifest = cache_lib.load_manifest(out)
-        if manifest.get("settings") == settings:
-            cache_lib.verify_cache(out)
-            print(f"{out} is up to date ({manifest['counts']['documents']} documents); nothing to do")
-            return manifest
-        if not args.overwrite:
-            raise ValueError(f"{out} holds a cache built from other inputs or settings; "
-                             "choose another --out or pass --overwrite")
+    finished = local.finished_cache(out, settings, args.overwrite)
+    if finished is not None:
+        return finished
     if os.path.isdir(out) and (args.overwrite or os.path.isdir(os.path.join(out, STAGING_NAME))):
         shutil.rmtree(out)  # Beam retries failed bundles itself; a new run starts clean
     staging = os.path.join(out, STAGING_NAME)
