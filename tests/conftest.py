@@ -31,3 +31,13 @@ def annotator():
     from lime_jax.metadata.annotate import SpacyAnnotator
 
     return SpacyAnnotator()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+    """Gin bindings are global: a test must not see the previous test's config."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()

@@ -2,7 +2,6 @@
 here: AbstractMesh lowering in-process, fake CPU devices for compiling), memory printed."""
 import math
 
-import gin
 import pytest
 
 from lime_jax import aot
@@ -14,13 +13,6 @@ INTENDED = [("runs/gpu.gin", "models/500m.gin", (1, 8, 1)),
             ("runs/gpu.gin", "models/1b.gin", (1, 16, 1)),
             ("runs/tpu_pod.gin", "models/2b.gin", (1, 32, 1))]
 UNUSED = ["MODEL_DIR = 'unused'", "CACHE_DIR = 'unused'", "TRAIN_STEPS = 1000"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _check_estimate(r, billions):

@@ -72,15 +72,6 @@ def _outside_the_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-    import gin
-
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _docs(n, seed):
     rng = np.random.default_rng(seed)
     docs = []

@@ -54,13 +54,6 @@ def _losses(model_dir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")

@@ -45,16 +45,6 @@ def _write_cache(out_dir, n_docs, seed):
         "vocab_sizes": {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39}})
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gin():
-    """Gin bindings are global: a test must not see the previous test's config."""
-    import gin
-
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
