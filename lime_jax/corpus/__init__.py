@@ -19,15 +19,14 @@ BUNDLED: dict[str, Path] = {
 }
 
 
-def _open_binary(path: Path):
-    name = path.name
-    if name.endswith(".jsonl.xz"):
+def open_binary(path: str | Path):
+    """Opens a file for reading bytes, decompressing `.xz` and `.gz` by their suffix."""
+    name = str(path)
+    if name.endswith(".xz"):
         return lzma.open(path, "rb")
-    if name.endswith(".jsonl.gz"):
+    if name.endswith(".gz"):
         return gzip.open(path, "rb")
-    if name.endswith(".jsonl"):
-        return open(path, "rb")
-    raise ValueError(f"{path}: expected a .jsonl, .jsonl.xz or .jsonl.gz file")
+    return open(path, "rb")
 
 
 def iter_documents(path: str | Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
@@ -40,7 +39,9 @@ def iter_documents(path: str | Path, errors: str = "strict") -> Iterator[tuple[s
     (`errors="replace"` substitutes U+FFFD instead).
     """
     path = Path(path)
-    with _open_binary(path) as f:
+    if not path.name.endswith((".jsonl", ".jsonl.xz", ".jsonl.gz")):
+        raise ValueError(f"{path}: expected a .jsonl, .jsonl.xz or .jsonl.gz file")
+    with open_binary(path) as f:
         offset = 0  # byte offset of the current line in the (decompressed) file
         lineno = 0
         try:

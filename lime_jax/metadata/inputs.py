@@ -16,14 +16,6 @@ from lime_jax import corpus
 BUNDLED_PREFIX = "bundled:"
 
 
-def open_binary(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".xz"):
-        return lzma.open(path, "rb")
-    return open(path, "rb")
-
-
 def resolve_inputs(patterns: Sequence[str]) -> list[str]:
     """Expands globs and `bundled:<split>` names into a sorted, de-duplicated file list."""
     paths: list[str] = []
@@ -47,7 +39,7 @@ def resolve_inputs(patterns: Sequence[str]) -> list[str]:
 
 def _iter_text_lines(path: str, errors: str) -> Iterator[tuple[str, str]]:
     offset, line_no = 0, 0
-    with open_binary(path) as f:
+    with corpus.open_binary(path) as f:
         try:
             for line_no, raw in enumerate(f, start=1):
                 try:
