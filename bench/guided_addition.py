@@ -6,10 +6,10 @@ Builds (or reuses) the bundled-corpus caches of bench/efficiency.py, adds `--add
 addition problems (lime_jax.data.synthetic, seed 0 = the tasks' train split) annotated with the
 same pipeline into a mixture cache, trains a LIME+1 model (METADATA_SHIFT = 1) of the quickstart
 size on it, then evaluates addition on the test seed with greedy decoding (`lime-jax eval
---task addition`): unguided (NONE tags for the answer) and guided (oracle tags of the answer,
-from annotating prompt + answer). Unguided LIME+1 sees NONE where the answer's tags would be;
-NONE is also the tag of every document's EOS, so an unguided LIME+1 model tends to end the
-answer at once: that is what "no guidance" means for LIME+1, not a decoding fault.
+--task addition`): unguided (tag id 0, PAD, for the answer: the metadata tables add nothing
+there, so the model answers from the tokens alone) and guided (oracle tags of the answer and
+of the EOS that ends it, from annotating prompt + answer, as in the paper). NONE would be the
+wrong "no guidance": it is the tag of every document's EOS, so a model fed NONE stops at once.
 
 Sizing (2 CPU cores): 10000 addition problems (annotated in a few minutes) and 1500 steps of
 16 x 128 tokens (~20 minutes at ~2.5k tokens/s, ~45 on a busy machine). Reduce with --steps and

@@ -15,10 +15,10 @@ Writes `<model_dir>/eval_results.json`. Tasks:
 - `reasoning`: templated stories; accuracy of choosing the answer by summed log-likelihood.
 Modes, by run: the baseline has one (`none`); LIME and the leakage control one (`reannotated`:
 generated or scored text is re-annotated, as `lime-jax generate` does); LIME+1 two: `unguided`
-(NONE where the model would see the tags of answer tokens) and `guided` (oracle tags from
-annotating prompt + gold answer, as in the paper). For held-out text and cloze items, tags
-come from annotating the whole document, as in training (LIME+1 cloze: `guided` uses the word's
-own tags, `unguided` NONE on the positions that predict it).
+(tag id 0, PAD, which adds no metadata, where the model would see the tags of answer tokens)
+and `guided` (oracle tags from annotating prompt + gold answer, as in the paper). For held-out
+text and cloze items, tags come from annotating the whole document, as in training (LIME+1
+cloze: `guided` uses the word's own tags, `unguided` PAD on the positions that predict it).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import packing
-from lime_jax.metadata.vocab import NONE_ID
+from lime_jax.metadata.vocab import NONE_ID, PAD_ID
 
 TASKS = ("heldout", "lambada", "addition", "reasoning")
 RESULTS_NAME = "eval_results.json"
@@ -256,7 +256,7 @@ def eval_lambada(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: d
             if mode == "unguided":  # positions ws-start .. : predict the word's pieces
                 for name in names:
                     row[name] = row[name].copy()
-                    row[name][ws - start:] = NONE_ID
+                    row[name][ws - start:] = PAD_ID
             rows.append(row)
         hits = [bool(h[ws - start:].all()) for (d, start, ws, wl), (_, h) in zip(items, scorer.score(rows, seq_len))]
         out["modes"][mode] = bucket_accuracy(hits, [str(wl) if wl < 3 else "3+" for *_, wl in items])
@@ -283,7 +283,7 @@ def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> t
 
 def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict:
     from lime_jax.data import synthetic
-    from lime_jax.generate import decode_batch, make_retagger, tag_rows
+    from lime_jax.generate import decode_batch, make_retagger, oracle_guide, tag_rows
     from lime_jax.model.decode import IncrementalDecoder
 
     examples = synthetic.addition_examples(n, seed=TEST_SEED, max_digits=max_digits)
@@ -299,7 +299,7 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict
             idx = range(start, min(start + batch_rows, len(examples)))
             if mode == "guided":
                 prompts = [split[i][0][0] for i in idx]
-                guides = [split[i][0][1][rows] for i in idx]
+                guides = [oracle_guide(split[i][0][1][rows]) for i in idx]
             else:
                 prompts = [prompt_feats[i] for i in idx]
                 guides = None
@@ -351,10 +351,11 @@ def eval_reasoning(loaded, scorer: Scorer, n: int) -> dict:
 def _lime_plus1_answer_tags(row: dict, names, tags_KxN: np.ndarray, n_answer: int, mode: str,
                             gold_tags: np.ndarray) -> None:
     """LIME+1 metadata of a scored prompt + answer row: the answer's pieces carry the gold
-    answer's tags (guided; NONE past the gold's length) or NONE (unguided)."""
+    answer's tags (guided; NONE past the gold's length) or PAD, no metadata (unguided)."""
     tags_KxN = tags_KxN.copy()
-    fill = np.full((len(names), n_answer), NONE_ID, np.int32)
+    fill = np.full((len(names), n_answer), PAD_ID, np.int32)
     if mode == "guided":
+        fill[:] = NONE_ID
         m = min(n_answer, gold_tags.shape[1])
         fill[:, :m] = gold_tags[:, :m]
     tags_KxN[:, tags_KxN.shape[1] - n_answer:] = fill

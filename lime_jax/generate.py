@@ -9,17 +9,19 @@ Where the tags of the generated tokens come from depends on the run's metadata s
 - LIME+1 (shift +1): position i sees the tags of the token it is about to predict, so the caller
   supplies them ("metadata guidance"):
     `--guide` lists the tags of the tokens to come, one entry per token: `CD CD .`, entries
-      `POS` or `POS/NER` (`NNP/B-PERSON`); NER defaults to `O`; `NONE` leaves a step unguided.
+      `POS` or `POS/NER` (`NNP/B-PERSON`); NER defaults to `O`; `NONE` is the tag of a piece
+      without a word (whitespace, end of text); `-` leaves a step unguided.
       Or JSON: `[{"pos": "CD", "ner": "B-CARDINAL"}, ...]` or `{"pos": [...], "ner": [...]}`.
       Entries are per SentencePiece token: a piece of whitespace only (a lone "▁", e.g. before
       digits, " 42" -> "▁" "4" "2") is a step of its own with tag NONE (`NONE CD CD`).
     `--guide-from TEXT` annotates prompt + TEXT with the training pipeline and uses the tags of
-      TEXT's tokens (oracle guidance, as in the paper). TEXT is appended to the prompt as given
-      (start it with a space where a space belongs).
+      TEXT's tokens, then NONE, the tag of the EOS that ends TEXT (oracle guidance, as in the
+      paper). TEXT is appended to the prompt as given (start it with a space where one belongs).
   Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS). A
-  guide shorter than `--max-new` guides the first steps and then continues unguided: the
-  remaining steps get NONE, the tag every training document's EOS carries. A guide longer
-  than `--max-new` is an error. Without a guide every step is unguided (NONE).
+  guide shorter than `--max-new` guides the first steps and then continues unguided. An
+  unguided step gets tag id 0 (PAD), which adds nothing to the embedding: the model predicts
+  from the tokens alone (not NONE, which would tell it the text ends). A guide longer than
+  `--max-new` is an error. Without a guide every step is unguided.
 - LIME (shift 0) and the leakage control (shift -1): tags of already generated tokens come from
   re-annotating the decoded prefix after each step (the new token's tags; earlier positions
   keep the tags they had when they were fed). Guides are rejected.
@@ -36,10 +38,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lime_jax.metadata.vocab import NONE_ID, TagVocab, UnknownTagError
+from lime_jax.metadata.vocab import NONE_ID, PAD_ID, TagVocab, UnknownTagError
 
 EOS_ID = 1
 NONE_NAMES = ("NONE", "<none>")
+UNGUIDED = "-"  # a guide step without metadata (PAD)
 
 
 class GuideError(ValueError):
@@ -74,7 +77,8 @@ def parse_guide(text: str, vocabs: dict[str, TagVocab], names: Sequence[str]) ->
         steps = []
         for entry in text.split():
             pos, _, ner = entry.partition("/")
-            steps.append({"pos": pos, "ner": ner or "O"} if pos not in NONE_NAMES else {"pos": pos, "ner": pos})
+            whole_step = pos in NONE_NAMES or pos == UNGUIDED
+            steps.append({"pos": pos, "ner": pos} if whole_step else {"pos": pos, "ner": ner or "O"})
     out = np.full((len(names), len(steps)), NONE_ID, np.int32)
     for j, step in enumerate(steps):
         unknown = [k for k in step if k not in names]
@@ -86,11 +90,21 @@ def parse_guide(text: str, vocabs: dict[str, TagVocab], names: Sequence[str]) ->
                 raise GuideError(f"--guide step {j + 1}: no {name} tag")
             if tag in NONE_NAMES:
                 continue
+            if tag == UNGUIDED:
+                out[k, j] = PAD_ID
+                continue
             try:
                 out[k, j] = vocabs[name].id(str(tag))
             except UnknownTagError as e:
                 raise GuideError(f"--guide step {j + 1}: {e}") from None
     return out
+
+
+def oracle_guide(continuation_KxG: np.ndarray) -> np.ndarray:
+    """The oracle guide of a reference continuation: its tokens' tags, then NONE, the tag of the
+    EOS that ends it (a guided model learns to stop there, as on every training document)."""
+    end_Kx1 = np.full((continuation_KxG.shape[0], 1), NONE_ID, np.int32)
+    return np.concatenate([continuation_KxG, end_Kx1], axis=1)
 
 
 # ----------------------------------------------------------------------------- decoding loop
@@ -122,7 +136,7 @@ def decode_batch(
     `prompts[b]`: piece ids t_1..t_n (no BOS, no EOS); `prompt_tags[b]`: int32 [K, n] for the
     model's K tables (K = 0 for the baseline). Position i of a row sees the tags of token
     t_{i + shift} (t_0 = BOS: NONE). Tags of tokens past the prompt come from `guides[b]`
-    ([K, G], then NONE) for shift +1, from `retag(sequences)` (tags of every token of each
+    ([K, G], then PAD: no metadata) for shift +1, from `retag(sequences)` (tags of every token of each
     sequence) for shift <= 0. `Decoded.tags` holds, per generated token, the tags that stand
     for it: the guide entry the model saw when predicting it (shift +1) or its re-annotation.
     """
@@ -141,6 +155,7 @@ def decode_batch(
     P = max(lengths) + 1  # + BOS
     tags: list[list[np.ndarray]] = [[prompt_tags[b][:, i] for i in range(lengths[b])] for b in range(B)]
     none = np.full((K,), NONE_ID, np.int32)
+    unguided = np.full((K,), PAD_ID, np.int32)
 
     def tags_of(b: int, k: int) -> np.ndarray:
         """Tags of token t_k of row b (t_0 = BOS)."""
@@ -152,7 +167,7 @@ def decode_batch(
             g = k - lengths[b] - 1
             if g < guides[b].shape[1]:
                 return guides[b][:, g]
-        return none
+        return unguided
 
     tokens = np.zeros((B, P), np.int32)
     valid = np.zeros((B, P), bool)
@@ -304,11 +319,11 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
         source = "guide"
     elif guide_from is not None:
         prompt_feats, cont = split_prompt(loaded, prompt, guide_from, prompt_feats)
-        guide_ids = cont[rows]
+        guide_ids = oracle_guide(cont[rows])
         source = "guide-from (oracle tags of the reference)"
     else:
         source = ("none (baseline)" if not names else
-                  "unguided (NONE for every generated step)" if shift >= 1 else
+                  "unguided (no metadata for generated steps)" if shift >= 1 else
                   "re-annotation of the decoded prefix")
     if max_new is None:
         max_new = guide_ids.shape[1] + 1 if guide_ids is not None else 32

@@ -4,7 +4,7 @@ import pytest
 
 from lime_jax import generate, model_dir
 from lime_jax.data import cache as cache_lib
-from lime_jax.metadata.vocab import NONE_ID, TagVocab
+from lime_jax.metadata.vocab import NONE_ID, PAD_ID, TagVocab
 from test_evaluate import V, handset_params, numpy_model, tiny_cfg
 
 POS = TagVocab("pos", ("CD", ".", "NN", "DT"))  # ids 2..5
@@ -75,7 +75,8 @@ def test_sampling_filters():
 def test_parse_guide_forms_and_errors():
     vocabs, names = {"pos": POS, "ner": NER}, ("pos", "ner")
     np.testing.assert_array_equal(generate.parse_guide("CD CD .", vocabs, names), [[2, 2, 3], [2, 2, 2]])
-    np.testing.assert_array_equal(generate.parse_guide("NN/O NONE", vocabs, names), [[4, NONE_ID], [2, NONE_ID]])
+    np.testing.assert_array_equal(generate.parse_guide("NN/O NONE -", vocabs, names),
+                                  [[4, NONE_ID, PAD_ID], [2, NONE_ID, PAD_ID]])
     as_list = generate.parse_guide('[{"pos": "CD", "ner": "O"}, {"pos": "."}]', vocabs, names)
     as_dict = generate.parse_guide('{"pos": ["CD", "."], "ner": ["O", "O"]}', vocabs, names)
     np.testing.assert_array_equal(as_list, [[2, 3], [2, 2]])
@@ -101,28 +102,32 @@ def _inc(shift_tag_next, **kw):
 
 
 # Tag -> next token for a model that follows its tags: NONE -> EOS, CD -> 7, '.' -> 8, NN -> 9.
-FOLLOW_TAGS = {NONE_ID: EOS, 2: 7, 3: 8, 4: 9, 5: 10}
+# Without a tag (PAD adds nothing, even though the hand-set table has a row for it) every
+# token predicts token 2.
+FOLLOW_TAGS = {PAD_ID: 11, NONE_ID: EOS, 2: 7, 3: 8, 4: 9, 5: 10}
 
 
-def test_lime_plus1_follows_guide_then_stops_unguided():
+def test_lime_plus1_follows_guide_then_continues_unguided():
     inc = _inc(FOLLOW_TAGS)
     prompts = [np.array([3, 4, 5], np.int32), np.array([6], np.int32)]
     prompt_tags = [np.array([[5, 5, 5], [2, 2, 2]], np.int32), np.array([[5], [2]], np.int32)]
-    guides = [np.array([[2, 2, 3], [2, 2, 2]], np.int32), np.array([[4], [2]], np.int32)]
-    out = generate.decode_batch(inc, 1, prompts, prompt_tags, max_new=6, guides=guides)
-    assert out[0].ids == [7, 7, 8] and out[0].stopped_at_eos  # guide, then NONE -> EOS
-    assert out[1].ids == [9] and out[1].stopped_at_eos
-    np.testing.assert_array_equal(out[0].tags, guides[0])
-    unguided = generate.decode_batch(inc, 1, prompts, prompt_tags, max_new=6, guides=None)
-    assert [d.ids for d in unguided] == [[], []]  # NONE at once -> EOS
+    guides = [np.array([[2, 2, 3, NONE_ID], [2, 2, 2, NONE_ID]], np.int32), np.array([[4], [2]], np.int32)]
+    out = generate.decode_batch(inc, 1, prompts, prompt_tags, max_new=4, guides=guides)
+    assert out[0].ids == [7, 7, 8] and out[0].stopped_at_eos  # the guide's NONE -> EOS
+    np.testing.assert_array_equal(out[0].tags, guides[0][:, :3])
+    assert out[1].ids == [9, 2, 2, 2] and not out[1].stopped_at_eos  # then no metadata: tokens decide
+    assert out[1].tags[0].tolist() == [4, PAD_ID, PAD_ID, PAD_ID]
+    unguided = generate.decode_batch(inc, 1, prompts, prompt_tags, max_new=3, guides=None)
+    assert [d.ids for d in unguided] == [[2, 2, 2], [2, 2, 2]]
 
 
-def test_guide_shorter_than_max_new_continues_with_none():
-    inc = _inc({NONE_ID: 12, 2: 7})  # NONE -> token 12 (no EOS): generation runs to max_new
-    out = generate.decode_batch(inc, 1, [np.array([3], np.int32)], [np.array([[5], [2]], np.int32)], max_new=4,
-                                guides=[np.array([[2], [2]], np.int32)])[0]
-    assert out.ids == [7, 12, 12, 12] and not out.stopped_at_eos
-    assert out.tags[0].tolist() == [2, NONE_ID, NONE_ID, NONE_ID]
+def test_oracle_guide_ends_with_the_eos_tag():
+    inc = _inc(FOLLOW_TAGS)
+    guide = generate.oracle_guide(np.array([[2, 3], [2, 2]], np.int32))
+    np.testing.assert_array_equal(guide, [[2, 3, NONE_ID], [2, 2, NONE_ID]])
+    out = generate.decode_batch(inc, 1, [np.array([3], np.int32)], [np.array([[5], [2]], np.int32)], max_new=5,
+                                guides=[guide])[0]
+    assert out.ids == [7, 8] and out.stopped_at_eos
 
 
 def test_lime_tags_come_from_retagging_the_prefix():
@@ -225,7 +230,8 @@ def test_generate_text_with_oracle_guidance_and_reannotation(real_dirs, capsys):
     prompt = "Q: What is 12 + 30?\nA:"
     res = generate.generate(lp1, prompt, guide_from=" 42")
     _, answer = generate.split_prompt(lp1, prompt, " 42")
-    assert res["guide_steps"] == answer.shape[1] and len(res["ids"]) <= answer.shape[1] + 1
+    assert res["guide_steps"] == answer.shape[1] + 1  # + the end-of-text NONE
+    assert len(res["ids"]) <= answer.shape[1] + 2
     assert res["tags_source"].startswith("guide-from")
     expected = [lp1.vocabs["pos"].tag(int(t)) for t in answer[1]] + ["<none>"]
     assert [t["pos"] for t in res["tags"]] == expected[:len(res["ids"])]

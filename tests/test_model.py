@@ -65,6 +65,10 @@ def test_zeroed_metadata_tables_equal_baseline(lime, batch):
     # ...and the tables do matter when not zeroed.
     assert not np.allclose(logits_of(lime, batch), logits_of(baseline, base_batch), atol=1e-3)
     assert baseline.param_overhead() == 0.0
+    # PAD tags (padding; "no metadata" in unguided decoding) add nothing, whatever the tables hold.
+    pad_batch = {**batch, "decoder_input_pos": jnp.zeros_like(batch["decoder_input_pos"]),
+                 "decoder_input_ner": jnp.zeros_like(batch["decoder_input_ner"])}
+    np.testing.assert_array_equal(logits_of(lime, pad_batch), logits_of(baseline, base_batch))
 
 
 def test_tag_change_is_causal_and_stays_in_its_document(lime, batch):

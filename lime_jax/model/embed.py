@@ -4,6 +4,8 @@
 
 With no metadata tables this is exactly a plain token embedding, so the baseline runs the same
 code. Metadata is input-only: `attend` (the tied LM head) reads the token table alone.
+Tag id 0 (PAD) adds nothing: training only puts it on padding, which no loss or real token
+sees, and evaluation and generation use it for "no metadata here" (unguided LIME+1 steps).
 
 Out-of-range ids are never clipped. Three layers of defence, cheapest first:
   1. arrays that are concrete (eager calls) are range-checked on the host: ValueError naming
@@ -28,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import checkify
 
+from lime_jax.metadata.vocab import PAD_ID
 from lime_jax.model.config import ModelConfig
 from lime_jax.model.sharding import Rules, constrain, init_param, resolve_rules
 
@@ -126,7 +129,8 @@ class LimeEmbed(nnx.Module):
         for name, size in cfg.metadata:
             tags_BxL = metadata[name]
             check_ids(f"metadata {name!r}", tags_BxL, size, shape=ids_BxL.shape)
-            e_BxLxD = _lookup(self.tables[name][...], tags_BxL)
+            table_TxD = self.tables[name][...].at[PAD_ID].set(0)
+            e_BxLxD = _lookup(table_TxD, tags_BxL)
             if self.weights is not None:
                 e_BxLxD = e_BxLxD * self.weights[name][...]
             elif cfg.metadata_weight_init != 1.0:
