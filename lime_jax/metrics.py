@@ -69,10 +69,13 @@ class MetricsWriter:
     """Writes scalars to TensorBoard event files and `metrics.jsonl` in the model dir.
 
     Only the chief process writes (the one with `enabled=True`); the others keep a no-op writer
-    so the calling code needs no branches.
+    so the calling code needs no branches. A run resumed at `resume_step` first drops the jsonl
+    rows of later steps (written before a kill, then lost with the uncheckpointed steps) and a
+    line cut short by the kill, so every step appears once, from the timeline that survived.
     """
 
-    def __init__(self, model_dir: str, enabled: bool = True, jsonl_name: str = "metrics.jsonl"):
+    def __init__(self, model_dir: str, enabled: bool = True, jsonl_name: str = "metrics.jsonl",
+                 resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -81,8 +84,11 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # deferred: only the chief writes events
 
         os.makedirs(model_dir, exist_ok=True)
+        path = os.path.join(model_dir, jsonl_name)
+        if resume_step is not None and os.path.exists(path):
+            _truncate_jsonl(path, resume_step)
         self._tb = SummaryWriter(logdir=os.path.join(model_dir, "tb"), flush_secs=10)
-        self._jsonl = open(os.path.join(model_dir, jsonl_name), "a", encoding="utf-8")
+        self._jsonl = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -105,6 +111,28 @@ class MetricsWriter:
             self._tb.close()
             self._jsonl.close()
             self.enabled = False
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line, cut short by a kill
+                dropped += 1
+                continue
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        log.info("%s: dropped %d row(s) after step %d (lost with the steps after the checkpoint)",
+                 path, dropped, last_step)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

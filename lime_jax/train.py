@@ -348,7 +348,7 @@ def run(
              n_params, sum(s * cfg.d_model for _, s in cfg.metadata), dict(mesh.shape), tokens_per_step,
              flops_per_step)
 
-    writer = metrics_lib.MetricsWriter(model_dir, enabled=is_chief)
+    writer = metrics_lib.MetricsWriter(model_dir, enabled=is_chief, resume_step=start)
     end = train_steps if stop_after_steps is None else min(train_steps, start + stop_after_steps)
     bar = metrics_lib.Progress(train_steps, start, log_every, enabled=is_chief and progress)
     summary: dict[str, Any] = {"model_dir": os.path.abspath(model_dir), "params": n_params,

@@ -127,7 +127,7 @@ def _assert_params_bitwise_equal(a, b):
 
 
 def _losses(model_dir):
-    """Train loss per step; a step redone after a kill keeps its last value."""
+    """Train loss per step."""
     rows = metrics_lib.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
@@ -225,6 +225,10 @@ def test_sigkill_five_times_then_resume_is_exact(reference, cache_dir, tmp_path)
     assert step == ref_step == STEPS
     _assert_params_bitwise_equal(params, ref_params)
     assert _losses(str(model_dir)) == _losses(ref_dir)
+    # Rows of steps lost at a kill were dropped on resume: each step is logged once.
+    rows = metrics_lib.read_jsonl(str(model_dir / "metrics.jsonl"))
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps))
 
 
 

@@ -255,3 +255,15 @@ def test_sigterm_saves_and_exits_zero(caches, tmp_path):
     resumed = train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches, **{
         "TRAIN_STEPS": 100000, "CHECKPOINT_EVERY": 100000, "EVAL_EVERY": 100000}), stop_after_steps=2)
     assert resumed["start_step"] == latest and resumed["step"] == latest + 2
+
+
+def test_resumed_metrics_drop_rows_of_lost_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, 9)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "train/lo')  # cut by a kill
+    writer = metrics_lib.MetricsWriter(str(tmp_path), resume_step=5)
+    writer.write(6, {"loss": 0.5}, prefix="train/")
+    writer.close()
+    got = metrics_lib.read_jsonl(str(path))
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6] and got[-1]["train/loss"] == 0.5
+    assert got[:5] == rows[:5]
