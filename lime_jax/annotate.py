@@ -22,6 +22,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
 
+from lime_jax import corpus  # noqa: E402
 from lime_jax.data import cache as cache_lib  # noqa: E402
 from lime_jax.metadata import annotate as annotate_lib  # noqa: E402
 from lime_jax.metadata import inputs as inputs_lib  # noqa: E402
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = annotate_corpus(args)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"lime-jax annotate: {e}", file=sys.stderr)
+        hint = " (pass --utf8-errors replace to substitute U+FFFD)" if isinstance(e, corpus.Utf8Error) else ""
+        print(f"lime-jax annotate: {e}{hint}", file=sys.stderr)
         return 1
     counts, tp = manifest["counts"], manifest["throughput"]
     print(json.dumps({"out": args.out, **counts, "words_per_second": tp["words_per_second"]}))

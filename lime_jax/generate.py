@@ -17,7 +17,8 @@ Where the tags of the generated tokens come from depends on the run's metadata s
     `--guide-from TEXT` annotates prompt + TEXT with the training pipeline and uses the tags of
       TEXT's tokens, then NONE, the tag of the EOS that ends TEXT (oracle guidance, as in the
       paper). TEXT is appended to the prompt as given (start it with a space where one belongs).
-  Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS). A
+  Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS; with
+  `--guide-from`, len(TEXT's tokens) + 1, the oracle's end-of-text step). A
   guide shorter than `--max-new` guides the first steps and then continues unguided. An
   unguided step gets tag id 0 (PAD), which adds nothing to the embedding: the model predicts
   from the tokens alone (not NONE, which would tell it the text ends). A guide longer than
@@ -326,7 +327,8 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
                   "unguided (no metadata for generated steps)" if shift >= 1 else
                   "re-annotation of the decoded prefix")
     if max_new is None:
-        max_new = guide_ids.shape[1] + 1 if guide_ids is not None else 32
+        # Room for EOS after a --guide; an oracle guide already ends with the EOS step.
+        max_new = 32 if guide_ids is None else guide_ids.shape[1] + (guide_from is None)
     if max_new < 1:
         raise GuideError(f"--max-new must be >= 1, got {max_new}")
     if guide_ids is not None and guide_ids.shape[1] > max_new:

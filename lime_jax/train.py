@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import logging
 import math
 import os
@@ -31,8 +32,10 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lime_jax import checkpoint as ckpt_lib
@@ -45,7 +48,10 @@ from lime_jax.model import ModelConfig, loss_and_metrics, sharding
 
 log = logging.getLogger("lime_jax.train")
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# A source checkout has the configs in gin/ beside the package; a wheel ships them as lime_jax/gin.
+GIN_DIR = next((d for d in (os.path.join(os.path.dirname(_PACKAGE_DIR), "gin"), os.path.join(_PACKAGE_DIR, "gin"))
+                if os.path.isdir(d)), os.path.join(_PACKAGE_DIR, "gin"))
 _REQUIRED_MACRO_RE = re.compile(r"^([A-Za-z_][\w.]*)\s*=\s*%gin\.REQUIRED\s*$", re.MULTILINE)
 
 
@@ -386,15 +392,21 @@ def run(
         bar.update(step, {k: m[k] for k in ("loss", "accuracy", "lr") if k in m})
 
     def evaluate(step: int) -> dict[str, float]:
+        # Every process must run the same number of (collective) eval steps, but each packs its
+        # own share of the held-out documents: the short ones pad with zero-weight batches.
+        local = list(itertools.islice(eval_ds, eval_batches))
+        counts = ([len(local)] if n_proc == 1 else
+                  [int(c) for c in multihost_utils.process_allgather(np.int32(len(local)))])
+        if min(counts) == 0:
+            raise ConfigError(f"eval cache {eval_cache_dir} yielded no batch on process(es) "
+                              f"{[i for i, c in enumerate(counts) if c == 0]} of {n_proc}: it needs at least "
+                              "one batch of held-out documents per process")
+        local += [jax.tree.map(np.zeros_like, local[0])] * (max(counts) - len(local))
         totals = None
         with jax.set_mesh(mesh):
-            for i, batch_np in enumerate(eval_ds):
-                if eval_batches is not None and i >= eval_batches:
-                    break
+            for batch_np in local:
                 out = eval_fn(params, to_device(batch_np))
                 totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        if totals is None:
-            raise ConfigError(f"eval cache {eval_cache_dir} yielded no batch")
         t = {k: float(v) for k, v in jax.device_get(totals).items()}
         n = max(t["num_tokens"], 1.0)
         res = {"loss": t["loss_sum"] / n, "accuracy": t["num_correct"] / n, "num_tokens": t["num_tokens"]}

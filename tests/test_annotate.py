@@ -80,7 +80,8 @@ def test_bad_utf8_names_file_line_and_byte(tmp_path, spm_model, capsys):
     out = str(tmp_path / "cache")
     assert annotate.main(["--input", str(path), "--spm", spm_model, "--out", out]) == 1
     err = capsys.readouterr().err
-    assert "bad.txt: line 2: invalid UTF-8 byte 0xff at byte offset 17" in err
+    assert "bad.txt:2: invalid UTF-8 byte 0xff at byte offset 17 (byte 7 of the line)" in err
+    assert "pass --utf8-errors replace" in err
     _run(["--input", str(path), "--spm", spm_model, "--out", out, "--utf8-errors", "replace"])
     assert cache_lib.load_manifest(out)["counts"]["records"] == 2
 

@@ -26,20 +26,24 @@ STEPS = 6
 GIN_FILES = ["runs/lime.gin", "models/tiny.gin"]
 
 
-def _write_cache(out_dir, n_docs, seed):
+def _write_cache(out_dir, n_docs, seed, lengths=((8, 50),)):
+    """Random documents, document i with a length drawn from `lengths[i % len(lengths)]`."""
     rng = np.random.default_rng(seed)
     docs = []
-    for _ in range(n_docs):
-        toks = rng.integers(2, VOCAB, size=int(rng.integers(8, 50)))
+    for i in range(n_docs):
+        low, high = lengths[i % len(lengths)]
+        toks = rng.integers(2, VOCAB, size=int(rng.integers(low, high)))
         toks[-1] = 1  # EOS
         docs.append(np.stack([toks, 2 + toks % 50, 2 + toks % 37]).astype(np.int32))
     cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39},
                       docs_per_shard=n_docs // 2)
+    return docs
 
 
-def _bindings(model_dir, cache_dir):
+def _bindings(model_dir, cache_dir, eval_dir=None):
     return [
         f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {STEPS}", f"CACHE_DIR = '{cache_dir}'",
+        f"EVAL_CACHE_DIR = {eval_dir!r}", f"EVAL_EVERY = {STEPS}", "run.eval_batches = None",
         "SEQ_LEN = 32", "BATCH_SIZE = 8", "CHECKPOINT_EVERY = 3",
         f"ModelConfig.vocab_size = {VOCAB}", "OptimizerConfig.warmup_steps = 2",
         "run.log_every = 1", "run.progress = False", "run.read_threads = 1",
@@ -57,14 +61,17 @@ def _losses(model_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    cache_dir = str(root / "cache")
+    cache_dir, eval_dir = str(root / "cache"), str(root / "heldout")
     _write_cache(cache_dir, 64, seed=0)
+    # Processes read every other document: process 0 gets the long ones and packs many more eval
+    # batches; process 1 must pad to match (else the collective eval step hangs).
+    eval_docs = _write_cache(eval_dir, 16, seed=1, lengths=((150, 200), (8, 12)))
     two_dir, one_dir = str(root / "two"), str(root / "one")
 
     argv = [sys.executable, "-m", "lime_jax.train"]
     for f in GIN_FILES:
         argv += ["--gin_file", f]
-    for b in _bindings(two_dir, cache_dir):
+    for b in _bindings(two_dir, cache_dir, eval_dir):
         argv += ["--gin_bindings", b]
     procs = distributed.spawn_local(argv, num_processes=2, devices_per_process=4,
                                     log_dir=str(root / "logs"))
@@ -75,18 +82,23 @@ def runs(tmp_path_factory):
         pytest.fail(f"2-process run exit codes {codes}\n{logs}")
 
     gin.clear_config()
-    summary = train_lib.train(GIN_FILES, _bindings(one_dir, cache_dir))
+    summary = train_lib.train(GIN_FILES, _bindings(one_dir, cache_dir, eval_dir))
     gin.clear_config()
-    return two_dir, one_dir, summary, str(root / "logs")
+    eval_tokens = sum(d.shape[1] for d in eval_docs)
+    return two_dir, one_dir, summary, str(root / "logs"), eval_tokens
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(runs):
-    two_dir, one_dir, summary, log_dir = runs
+    two_dir, one_dir, summary, log_dir, eval_tokens = runs
     assert jax.device_count() == 8 and summary["step"] == STEPS
     two, one = _losses(two_dir), _losses(one_dir)
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
+    # Evaluation covered every held-out token once in both runs, however each process packed.
+    for run_dir in (two_dir, one_dir):
+        evals = [r for r in metrics_lib.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "eval/loss" in r]
+        assert [r["step"] for r in evals] == [STEPS] and evals[0]["eval/num_tokens"] == eval_tokens
     # Only process 0 logs INFO lines (the model summary).
     chief, other = (open(os.path.join(log_dir, f"process_{i}.log")).read() for i in range(2))
     assert "params" in chief and "lime_jax.train: model" in chief
@@ -95,7 +107,7 @@ def test_two_processes_match_one_process(runs):
 
 @pytest.mark.slow
 def test_two_process_checkpoint_restores_in_one_process(runs):
-    two_dir, one_dir, _, _ = runs
+    two_dir, one_dir, *_ = runs
     # Every process saved its data-iterator state into the same checkpoint.
     data_dir = os.path.join(ckpt_lib.checkpoint_dir(two_dir), str(STEPS), "data")
     assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [

@@ -29,42 +29,52 @@ def open_binary(path: str | Path):
     return open(path, "rb")
 
 
-def iter_documents(path: str | Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
-    """Yield (id, text) for each line of a JSONL file (optionally xz- or gzip-compressed).
+class Utf8Error(ValueError):
+    """Input that is not valid UTF-8 (the message names the file, line and byte offset)."""
 
-    Blank lines are skipped; every other line must be a JSON object with a string "text";
-    "id" is optional (a string, defaulting to "<file name>:<line number>"); other fields are
-    ignored. Raises ValueError
-    naming the file and line for a malformed line, and the byte offset for invalid UTF-8
-    (`errors="replace"` substitutes U+FFFD instead).
+
+def iter_lines(path: str | Path, errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """Yields (line number, text without the line break) of a (compressed) UTF-8 text file.
+
+    Raises ValueError naming the file and line for invalid UTF-8 (with the byte offset; with
+    `errors="replace"` U+FFFD is substituted instead) and for corrupt compressed data.
     """
-    path = Path(path)
-    if not path.name.endswith((".jsonl", ".jsonl.xz", ".jsonl.gz")):
-        raise ValueError(f"{path}: expected a .jsonl, .jsonl.xz or .jsonl.gz file")
     with open_binary(path) as f:
         offset = 0  # byte offset of the current line in the (decompressed) file
         lineno = 0
         try:
             for lineno, raw in enumerate(f, start=1):
-                doc = _parse_line(path, lineno, offset, raw, errors)
+                try:
+                    line = raw.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as e:
+                    raise Utf8Error(
+                        f"{path}:{lineno}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte offset "
+                        f"{offset + e.start} (byte {e.start} of the line)") from None
                 offset += len(raw)
-                if doc is not None:
-                    yield doc
+                yield lineno, line.rstrip("\r\n")
         except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as e:
-            raise ValueError(
-                f"{path}: corrupt compressed data after line {lineno}: {e}"
-            ) from e
+            raise ValueError(f"{path}: corrupt compressed data after line {lineno}: {e}") from e
 
 
-def _parse_line(path: Path, lineno: int, offset: int, raw: bytes, errors: str = "strict") -> tuple[str, str] | None:
+def iter_documents(path: str | Path, errors: str = "strict") -> Iterator[tuple[str, str]]:
+    """Yield (id, text) for each line of a JSONL file (optionally xz- or gzip-compressed).
+
+    Blank lines are skipped; every other line must be a JSON object with a string "text";
+    "id" is optional (a string, defaulting to "<file name>:<line number>"); other fields are
+    ignored. Raises ValueError naming the file and line for a malformed line (and see
+    `iter_lines` for invalid UTF-8 and corrupt compressed data).
+    """
+    path = Path(path)
+    if not path.name.endswith((".jsonl", ".jsonl.xz", ".jsonl.gz")):
+        raise ValueError(f"{path}: expected a .jsonl, .jsonl.xz or .jsonl.gz file")
+    for lineno, line in iter_lines(path, errors):
+        doc = _parse_line(path, lineno, line)
+        if doc is not None:
+            yield doc
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, str] | None:
     """(id, text) of one line; None for a blank line."""
-    try:
-        line = raw.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path}:{lineno}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte offset "
-            f"{offset + e.start} (byte {e.start} of the line)"
-        ) from e
     if not line.strip():
         return None
     try:

@@ -6,8 +6,6 @@ file, line and byte offset, unless the caller asks for replacement characters ex
 from __future__ import annotations
 
 import glob
-import gzip
-import lzma
 import os
 from collections.abc import Iterator, Sequence
 
@@ -38,21 +36,9 @@ def resolve_inputs(patterns: Sequence[str]) -> list[str]:
 
 
 def _iter_text_lines(path: str, errors: str) -> Iterator[tuple[str, str]]:
-    offset, line_no = 0, 0
-    with corpus.open_binary(path) as f:
-        try:
-            for line_no, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8", errors=errors)
-                except UnicodeDecodeError as e:
-                    raise ValueError(
-                        f"{path}: line {line_no}: invalid UTF-8 byte 0x{raw[e.start]:02x} at byte "
-                        f"offset {offset + e.start} (pass --utf8-errors replace to substitute U+FFFD)"
-                    ) from None
-                offset += len(raw)
-                yield f"{os.path.basename(path)}:{line_no}", line.rstrip("\r\n")
-        except (lzma.LZMAError, EOFError, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: corrupt compressed data after line {line_no}: {e}") from None
+    name = os.path.basename(path)
+    for lineno, line in corpus.iter_lines(path, errors):
+        yield f"{name}:{lineno}", line
 
 
 def iter_input_documents(patterns: Sequence[str], errors: str = "strict") -> Iterator[tuple[str, str]]:
