@@ -45,6 +45,7 @@ from lime_jax import optim
 from lime_jax.data import loader
 from lime_jax.data.cache import CacheError
 from lime_jax.model import ModelConfig, loss_and_metrics, sharding
+from lime_jax.model.loss import METADATA_PREFIX
 
 log = logging.getLogger("lime_jax.train")
 
@@ -152,7 +153,21 @@ def _resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ..
     return tuple(shape)
 
 
-def make_train_step(graphdef, tx, schedule, accum_steps: int):
+def drop_metadata(batch: dict, key_data: jax.Array, step: jax.Array, rate: float) -> dict:
+    """Sets all tags of a random `rate` of the positions to PAD (0, which adds nothing), so a
+    model also learns to predict without metadata, e.g. unguided LIME+1 decoding.
+
+    The mask depends only on the run's RNG and the step: a resumed run drops the same positions.
+    """
+    tag_keys = [k for k in batch if k.startswith(METADATA_PREFIX) and k != "decoder_input_tokens"]
+    if not rate or not tag_keys:
+        return batch
+    key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+    keep = ~jax.random.bernoulli(key, rate, batch[tag_keys[0]].shape)
+    return {**batch, **{k: jnp.where(keep, batch[k], 0) for k in tag_keys}}
+
+
+def make_train_step(graphdef, tx, schedule, accum_steps: int, metadata_dropout: float = 0.0):
     """`step(params, opt_state, train, batch) -> (params, opt_state, train, metrics)` (unjitted)."""
 
     def objective(params, batch):
@@ -181,6 +196,7 @@ def make_train_step(graphdef, tx, schedule, accum_steps: int):
         return dict(m_sum, loss=m_sum["loss_sum"] / denom), grads
 
     def step(params, opt_state, train, batch):
+        batch = drop_metadata(batch, train["rng"], train["step"], metadata_dropout)
         if accum_steps == 1:
             (_, m), grads = grad_fn(params, batch)
         else:
@@ -248,6 +264,7 @@ def run(
     async_checkpointing: bool = True,
     seed: int = 0,
     metadata_shift: int = 0,
+    metadata_dropout: float = 0.0,
     mesh_shape: Sequence[int] = (-1, 1, 1),
     log_every: int = 10,
     peak_flops_per_device: float | None = None,
@@ -272,6 +289,8 @@ def run(
                         ("eval_every", eval_every), ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"run.{name} must be a positive int, got {value!r}")
+    if not 0.0 <= metadata_dropout < 1.0:
+        raise ConfigError(f"run.metadata_dropout must be in [0, 1), got {metadata_dropout!r}")
     cfg = ModelConfig()
     opt_cfg = optim.OptimizerConfig()
     rules = sharding.sharding_rules()
@@ -334,7 +353,7 @@ def run(
             log.info("resumed from %s at step %d", checkpointer.directory, start)
 
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, schedule, opt_cfg.grad_accum_steps),
+        make_train_step(graphdef, tx, schedule, opt_cfg.grad_accum_steps, metadata_dropout),
         in_shardings=(param_sh, opt_sh, train_sh, data_sharding),
         out_shardings=(param_sh, opt_sh, train_sh, replicated),
         donate_argnums=(0, 1, 2))

@@ -267,3 +267,48 @@ def test_resumed_metrics_drop_rows_of_lost_steps(tmp_path):
     got = metrics_lib.read_jsonl(str(path))
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6] and got[-1]["train/loss"] == 0.5
     assert got[:5] == rows[:5]
+
+
+def test_metadata_dropout_masks_whole_positions_reproducibly():
+    import jax
+
+    shape = (64, 128)
+    rng = np.random.default_rng(0)
+    batch = {"decoder_input_tokens": rng.integers(2, 50, shape), "decoder_target_tokens": rng.integers(2, 50, shape),
+             "decoder_input_pos": rng.integers(1, 52, shape), "decoder_input_ner": rng.integers(1, 39, shape)}
+    key = jax.random.key_data(jax.random.key(0))
+    assert train_lib.drop_metadata(batch, key, 3, 0.0) is batch
+    out = {k: np.asarray(v) for k, v in train_lib.drop_metadata(batch, key, 3, 0.25).items()}
+    dropped = out["decoder_input_pos"] == 0
+    np.testing.assert_array_equal(dropped, out["decoder_input_ner"] == 0)  # a position loses all its tags
+    assert 0.23 < dropped.mean() < 0.27
+    np.testing.assert_array_equal(out["decoder_input_pos"][~dropped], batch["decoder_input_pos"][~dropped])
+    for k in ("decoder_input_tokens", "decoder_target_tokens"):
+        np.testing.assert_array_equal(out[k], batch[k])
+    again = np.asarray(train_lib.drop_metadata(batch, key, 3, 0.25)["decoder_input_pos"])
+    other_step = np.asarray(train_lib.drop_metadata(batch, key, 4, 0.25)["decoder_input_pos"])
+    np.testing.assert_array_equal(again, out["decoder_input_pos"])  # resume: same step, same mask
+    assert (other_step != again).any()
+
+
+def test_metadata_dropout_step_trains_on_the_masked_batch(full_run, caches):
+    import jax
+
+    from lime_jax.data import loader
+    from lime_jax.model import ModelConfig, sharding
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32",
+                      metadata=(("pos", 52), ("ner", 39)))
+    graphdef, abstract = sharding.abstract_model(cfg)
+    params, _ = ckpt_lib.restore_params(full_run[0], abstract)
+    batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
+    train = {"step": jax.numpy.array(7, "int32"), "rng": jax.random.key_data(jax.random.key(0))}
+    tx, sched = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0), 10)
+    with_dropout = jax.jit(train_lib.make_train_step(graphdef, tx, sched, 1, metadata_dropout=0.5))
+    plain = jax.jit(train_lib.make_train_step(graphdef, tx, sched, 1))
+    masked = train_lib.drop_metadata(batch, train["rng"], train["step"], 0.5)
+    _, _, _, m_drop = with_dropout(params, tx.init(params), train, batch)
+    _, _, _, m_masked = plain(params, tx.init(params), train, masked)
+    _, _, _, m_plain = plain(params, tx.init(params), train, batch)
+    assert float(m_drop["loss"]) == pytest.approx(float(m_masked["loss"]), rel=1e-6)
+    assert float(m_drop["loss"]) != pytest.approx(float(m_plain["loss"]), rel=1e-4)
