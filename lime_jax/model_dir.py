@@ -39,13 +39,16 @@ class RunConfig:
     seed: int
     cache_dir: str | None
     eval_cache_dir: str | None
+    metadata_dropout: float = 0.0
 
     @property
     def arm(self) -> str:
-        """`baseline`, `lime`, `lime+1` or `control(-1)` (any other shift: `lime(shift=N)`)."""
+        """`baseline`, `lime`, `lime+1` or `control(-1)` (any other shift: `lime(shift=N)`), with
+        ` dropout=P` for a run trained with metadata dropout (another recipe, another arm)."""
         if not self.cfg.metadata:
             return "baseline"
-        return {0: "lime", 1: "lime+1", -1: "control(-1)"}.get(self.shift, f"lime(shift={self.shift})")
+        arm = {0: "lime", 1: "lime+1", -1: "control(-1)"}.get(self.shift, f"lime(shift={self.shift})")
+        return f"{arm} dropout={self.metadata_dropout:g}" if self.metadata_dropout else arm
 
     @property
     def tokens_per_step(self) -> int:
@@ -87,7 +90,8 @@ def read_run_config(model_dir: str) -> RunConfig:
     return RunConfig(model_dir=os.path.abspath(model_dir), cfg=cfg, shift=int(run.get("metadata_shift", 0)),
                      seq_len=int(run["seq_len"]), batch_size=int(run["batch_size"]),
                      seed=int(run.get("seed", 0)), cache_dir=run.get("cache_dir"),
-                     eval_cache_dir=run.get("eval_cache_dir"))
+                     eval_cache_dir=run.get("eval_cache_dir"),
+                     metadata_dropout=float(run.get("metadata_dropout", 0.0)))
 
 
 @dataclasses.dataclass

@@ -9,12 +9,14 @@ from lime_jax import report
 SEQ_LEN, BATCH = 8, 4  # 32 tokens per step
 
 
-def _fake_run(root, name, metadata, shift, seed, accs, results=None):
+def _fake_run(root, name, metadata, shift, seed, accs, results=None, dropout=None):
     path = os.path.join(root, name)
     os.makedirs(path)
     with open(os.path.join(path, "config.gin"), "w") as f:
         f.write(f"ModelConfig.metadata = {metadata!r}\nrun.seq_len = {SEQ_LEN}\nrun.batch_size = {BATCH}\n"
                 f"run.metadata_shift = {shift}\nrun.seed = {seed}\n")
+        if dropout is not None:
+            f.write(f"run.metadata_dropout = {dropout}\n")
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         for i, acc in enumerate(accs):
             step = 10 * (i + 1)
@@ -45,6 +47,8 @@ def runs(tmp_path):
         _fake_run(root, "control", META, -1, 0, [0.05, 0.1, 0.2, 0.3]),
         _fake_run(root, "plus1", META, 1, 0, [0.5, 0.6, 0.7, 0.8],
                   _results([0.6, 0.6, 0.5, 0.5, 0.4], {"unguided": 0.1, "guided": 0.6})),
+        _fake_run(root, "plus1_dropout", META, 1, 0, [0.5, 0.6, 0.7, 0.8],
+                  _results([0.6, 0.6, 0.5, 0.5, 0.4], {"unguided": 0.5, "guided": 0.6}), dropout=0.15),
     ]
 
 
@@ -70,8 +74,9 @@ def test_report_writes_plots_and_the_data_efficiency_fraction(runs, tmp_path, ca
     assert eff["control"]["fraction"] is None
     assert eff["plus1"]["fraction"] == pytest.approx(0.25) and not eff["plus1"]["exact"]
     arms = summary["arms"]
-    assert set(arms) == {"baseline", "lime", "control(-1)", "lime+1"}
-    assert arms["lime+1"]["addition"] == {"unguided": 0.1, "guided": 0.6}
+    assert set(arms) == {"baseline", "lime", "control(-1)", "lime+1", "lime+1 dropout=0.15"}
+    assert arms["lime+1"]["addition"] == {"unguided": 0.1, "guided": 0.6}  # not averaged with...
+    assert arms["lime+1 dropout=0.15"]["addition"] == {"unguided": 0.5, "guided": 0.6}  # ...another recipe
     assert arms["lime"]["cohesion_by_place"]["2"] == 0.4
     assert arms["baseline"]["final_tokens"] == 40 * SEQ_LEN * BATCH
     md = open(os.path.join(out, "report.md")).read()
