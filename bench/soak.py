@@ -3,8 +3,8 @@
     python bench/soak.py                 # 30 minutes, a checkpoint a minute, a kill every 5
     python bench/soak.py --minutes 6     # the same, scaled: intervals are minutes/30 and /6
 
-The trainer runs as `lime-jax train` subprocesses (with a hook logging a hash of every batch it
-takes). Every kill interval (randomised +-20%, seeded) the live process gets SIGKILL and a new
+The trainer runs as `python -m lime_jax.batch_log` subprocesses (`lime-jax train` logging a
+digest of every batch it takes). Every kill interval (randomised +-20%, seeded) the live process gets SIGKILL and a new
 one resumes from the model dir; at the end the last one gets SIGTERM (save and exit 0). Then:
 - exact: every process took exactly the batches an uninterrupted loader yields from the step
   it resumed at, and the final parameters equal, bit for bit, those of one uninterrupted
@@ -27,30 +27,10 @@ import time
 
 import numpy as np
 
+from lime_jax import batch_log
+
 VOCAB = 512
 TRAIN_STEPS = 1_000_000  # the schedule's horizon; runs stop by time
-
-# Runs `lime-jax train`, appending a hash of each training batch to $LIME_SOAK_BATCH_LOG.
-HOOK = """
-import hashlib, os, sys
-from lime_jax import train
-from lime_jax.data import loader
-
-_build = loader.build_dataset
-
-def _logged(*args, **kwargs):
-    ds = _build(*args, **kwargs)
-    def log(batch):
-        digest = hashlib.sha256(b"".join(batch[k].tobytes() for k in sorted(batch))).hexdigest()
-        with open(os.environ["LIME_SOAK_BATCH_LOG"], "a") as f:
-            f.write(digest[:16] + "\\n")
-        return batch
-    return ds.map(log)
-
-loader.build_dataset = _logged
-sys.exit(train.main(sys.argv[1:]))
-"""
-
 
 def _bindings(model_dir: str, cache_dir: str, checkpoint_every: int) -> list[str]:
     return [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {TRAIN_STEPS}", f"CACHE_DIR = {cache_dir!r}",
@@ -103,10 +83,10 @@ def _life(args, model_dir, cache_dir, checkpoint_every, index, seconds, final: b
     err_path = os.path.join(model_dir, f"stderr.{index}")
     argv = [a for f in _gin_files() for a in ("--gin_file", f)]
     argv += [a for b in _bindings(model_dir, cache_dir, checkpoint_every) for a in ("--gin_bindings", b)]
-    env = dict(os.environ, LIME_SOAK_BATCH_LOG=log_path)
+    env = dict(os.environ, **{batch_log.ENV_VAR: log_path})
     with open(err_path, "w") as err:
         # Not the repo: gin would take a stray `runs/` directory there for its config package.
-        proc = subprocess.Popen([sys.executable, "-c", HOOK, *argv], cwd=model_dir, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "lime_jax.batch_log", *argv], cwd=model_dir, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
     t_end = time.time() + seconds
     rss_first_ckpt = None
@@ -138,15 +118,12 @@ def _life(args, model_dir, cache_dir, checkpoint_every, index, seconds, final: b
 
 def _reference_batches(cache_dir: str, n: int) -> list[str]:
     """The first n training batches of the loader as the trainer builds it (one process)."""
-    import hashlib
-
     from lime_jax.data import loader
 
     ds = loader.build_dataset(cache_dir, seq_len=64, batch_size=8, seed=0, shard_index=0, shard_count=1,
                               read_threads=1, tags=("pos", "ner"))
     it = iter(ds)
-    return [hashlib.sha256(b"".join(b[k].tobytes() for k in sorted(b))).hexdigest()[:16]
-            for b in (next(it) for _ in range(n))]
+    return [batch_log.batch_digest(next(it)) for _ in range(n)]
 
 
 def main(argv=None) -> int:
@@ -194,7 +171,8 @@ def main(argv=None) -> int:
     from lime_jax import train as train_lib
 
     final_step = ckpt_lib.Checkpointer(model_dir, read_only=True).latest_step()
-    ref_batches = _reference_batches(cache_dir, final_step)
+    # A life killed before its first checkpoint may have read past the final step: compare it too.
+    ref_batches = _reference_batches(cache_dir, max(s + len(b) for s, b, _ in lives))
     order_ok = all(b == ref_batches[s:s + len(b)] for s, b, _ in lives) and \
         lives[-1][0] + len(lives[-1][1]) == final_step
     ref_dir = os.path.join(work, "reference")

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+from lime_jax import batch_log
 from lime_jax import checkpoint as ckpt_lib
 from lime_jax import metrics as metrics_lib
 from lime_jax import train as train_lib
@@ -28,30 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
 STEPS = 24
 CKPT_EVERY = 3
-
-# Runs the trainer CLI, logging a hash of every training batch it takes from the loader (one
-# line each, appended and flushed before the step uses it) to $LIME_FAULT_BATCH_LOG.
-BATCH_LOG_HOOK = """
-import hashlib, os, sys
-from lime_jax import train
-from lime_jax.data import loader
-
-_build = loader.build_dataset
-
-def _logged(*args, **kwargs):
-    ds = _build(*args, **kwargs)
-    if kwargs.get("num_epochs") is not None:  # eval data
-        return ds
-    def log(batch):
-        digest = hashlib.sha256(b"".join(batch[k].tobytes() for k in sorted(batch))).hexdigest()
-        with open(os.environ["LIME_FAULT_BATCH_LOG"], "a") as f:
-            f.write(digest[:16] + "\\n")
-        return batch
-    return ds.map(log)
-
-loader.build_dataset = _logged
-sys.exit(train.main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -143,12 +120,12 @@ def reference(cache_dir, tmp_path_factory):
 
 
 def _spawn(bindings, log_path, stderr_path):
-    env = dict(os.environ, LIME_FAULT_BATCH_LOG=log_path,
+    env = dict(os.environ, **{batch_log.ENV_VAR: log_path},
                # Later lives reuse the compiled step: the kills land in training, not compiling.
                JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(os.path.dirname(log_path)), "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     with open(stderr_path, "w") as err:
-        return subprocess.Popen([sys.executable, "-c", BATCH_LOG_HOOK, *_argv(bindings)],
+        return subprocess.Popen([sys.executable, "-m", "lime_jax.batch_log", *_argv(bindings)],
                                 cwd=os.path.dirname(log_path), env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
