@@ -18,11 +18,11 @@ Where the tags of the generated tokens come from depends on the run's metadata s
       TEXT's tokens, then NONE, the tag of the EOS that ends TEXT (oracle guidance, as in the
       paper). TEXT is appended to the prompt as given (start it with a space where one belongs).
   Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS; with
-  `--guide-from`, len(TEXT's tokens) + 1, the oracle's end-of-text step). A
-  guide shorter than `--max-new` guides the first steps and then continues unguided. An
-  unguided step gets tag id 0 (PAD), which adds nothing to the embedding: the model predicts
-  from the tokens alone (not NONE, which would tell it the text ends). A guide longer than
-  `--max-new` is an error. Without a guide every step is unguided.
+  `--guide-from`, len(TEXT's tokens) + 1, the oracle's end-of-text step). A guide shorter than
+  `--max-new` guides the first steps and then continues unguided. An unguided step gets tag
+  id 0 (PAD), which adds nothing to the embedding: the model predicts from the tokens alone
+  (not NONE, which would tell it the text ends). A guide longer than `--max-new` is an error.
+  Without a guide every step is unguided.
 - LIME (shift 0) and the leakage control (shift -1): tags of already generated tokens come from
   re-annotating the decoded prefix after each step (the new token's tags; earlier positions
   keep the tags they had when they were fed). Guides are rejected.
@@ -42,8 +42,8 @@ import numpy as np
 from lime_jax.metadata.vocab import NONE_ID, PAD_ID, TagVocab, UnknownTagError
 
 EOS_ID = 1
-NONE_NAMES = ("NONE", "<none>")
-UNGUIDED = "-"  # a guide step without metadata (PAD)
+# Guide entries that stand for a whole step (every tag type), not a tag name.
+STEP_TAGS = {"NONE": NONE_ID, "<none>": NONE_ID, "-": PAD_ID}  # "-": unguided, no metadata
 
 
 class GuideError(ValueError):
@@ -78,8 +78,7 @@ def parse_guide(text: str, vocabs: dict[str, TagVocab], names: Sequence[str]) ->
         steps = []
         for entry in text.split():
             pos, _, ner = entry.partition("/")
-            whole_step = pos in NONE_NAMES or pos == UNGUIDED
-            steps.append({"pos": pos, "ner": pos} if whole_step else {"pos": pos, "ner": ner or "O"})
+            steps.append({"pos": pos, "ner": pos} if pos in STEP_TAGS else {"pos": pos, "ner": ner or "O"})
     out = np.full((len(names), len(steps)), NONE_ID, np.int32)
     for j, step in enumerate(steps):
         unknown = [k for k in step if k not in names]
@@ -89,10 +88,8 @@ def parse_guide(text: str, vocabs: dict[str, TagVocab], names: Sequence[str]) ->
             tag = step.get(name, "O" if name == "ner" else None)
             if tag is None:
                 raise GuideError(f"--guide step {j + 1}: no {name} tag")
-            if tag in NONE_NAMES:
-                continue
-            if tag == UNGUIDED:
-                out[k, j] = PAD_ID
+            if isinstance(tag, str) and tag in STEP_TAGS:  # JSON may hold unhashable junk
+                out[k, j] = STEP_TAGS[tag]
                 continue
             try:
                 out[k, j] = vocabs[name].id(str(tag))

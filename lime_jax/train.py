@@ -45,7 +45,7 @@ from lime_jax import optim
 from lime_jax.data import loader
 from lime_jax.data.cache import CacheError
 from lime_jax.model import ModelConfig, loss_and_metrics, sharding
-from lime_jax.model.loss import METADATA_PREFIX
+from lime_jax.model.loss import batch_metadata_keys
 
 log = logging.getLogger("lime_jax.train")
 
@@ -159,7 +159,7 @@ def drop_metadata(batch: dict, key_data: jax.Array, step: jax.Array, rate: float
 
     The mask depends only on the run's RNG and the step: a resumed run drops the same positions.
     """
-    tag_keys = [k for k in batch if k.startswith(METADATA_PREFIX) and k != "decoder_input_tokens"]
+    tag_keys = batch_metadata_keys(batch)
     if not rate or not tag_keys:
         return batch
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)

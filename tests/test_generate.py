@@ -87,6 +87,8 @@ def test_parse_guide_forms_and_errors():
         generate.parse_guide("CD/B-XYZ", vocabs, names)
     with pytest.raises(generate.GuideError, match="tag type"):
         generate.parse_guide('[{"pos": "CD", "lemma": "x"}]', vocabs, names)
+    with pytest.raises(generate.GuideError, match="unknown pos tag"):
+        generate.parse_guide('[{"pos": ["CD"]}]', vocabs, names)
     with pytest.raises(generate.GuideError, match="invalid JSON"):
         generate.parse_guide('[{"pos": "CD"', vocabs, names)
     with pytest.raises(generate.GuideError, match="equal length"):

@@ -23,6 +23,11 @@ METADATA_PREFIX = "decoder_input_"
 _REQUIRED = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 
 
+def batch_metadata_keys(batch: Mapping[str, jax.Array]) -> list[str]:
+    """The batch's metadata features: every `decoder_input_<name>` but the tokens."""
+    return [k for k in batch if k.startswith(METADATA_PREFIX) and k != "decoder_input_tokens"]
+
+
 def metadata_from_batch(
     cfg: ModelConfig, batch: Mapping[str, jax.Array], allow_unused_metadata: bool = False
 ) -> dict[str, jax.Array]:
@@ -35,8 +40,7 @@ def metadata_from_batch(
     if missing:
         raise ValueError(f"batch lacks metadata feature(s) {missing} required by ModelConfig.metadata="
                          f"{cfg.metadata}; batch has {sorted(batch)}")
-    extra = [k for k in batch if k.startswith(METADATA_PREFIX) and k != "decoder_input_tokens"
-             and k[len(METADATA_PREFIX):] not in cfg.metadata_names]
+    extra = [k for k in batch_metadata_keys(batch) if k[len(METADATA_PREFIX):] not in cfg.metadata_names]
     if extra and not allow_unused_metadata:
         raise ValueError(f"batch has metadata feature(s) {sorted(extra)} but ModelConfig.metadata="
                          f"{cfg.metadata} has no table for them (pass allow_unused_metadata=True to drop them)")
