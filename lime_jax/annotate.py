@@ -241,6 +241,8 @@ def annotate_corpus(args) -> dict:
                 finish(*result)
     progress.close()
     seconds = time.time() - t0
+    if not progress_entries:
+        raise empty_input_error(paths)
 
     annotator = _PROCESSOR.annotator
     processor_vocabs = _PROCESSOR.vocabularies
@@ -273,6 +275,11 @@ def annotate_corpus(args) -> dict:
     cache_lib.write_manifest(out, manifest)
     os.remove(os.path.join(out, PROGRESS_NAME))
     return manifest
+
+
+def empty_input_error(paths: Sequence[str]) -> ValueError:
+    """Inputs without a single document: no cache is written (local and Beam runs alike)."""
+    return ValueError(f"no documents in {', '.join(paths)}: the input is empty")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,6 +127,8 @@ def annotate_corpus(args) -> dict:
         with open(path, encoding="utf-8") as f:
             results += [json.loads(line) for line in f if line.strip()]
     results.sort(key=lambda r: r["key"])
+    if not results:
+        raise local.empty_input_error(paths)
     shards, totals = [], Stats()
     for k, r in enumerate(results):
         name = cache_lib.shard_name(k)

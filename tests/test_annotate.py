@@ -86,6 +86,13 @@ def test_bad_utf8_names_file_line_and_byte(tmp_path, spm_model, capsys):
     assert cache_lib.load_manifest(out)["counts"]["records"] == 2
 
 
+def test_empty_input_is_a_clear_error(tmp_path, spm_model, capsys):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    assert annotate.main(["--input", str(path), "--spm", spm_model, "--out", str(tmp_path / "cache")]) == 1
+    assert f"no documents in {path}: the input is empty" in capsys.readouterr().err
+
+
 def test_corrupt_inputs_are_named(tmp_path):
     import lzma
 

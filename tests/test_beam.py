@@ -83,3 +83,11 @@ def test_beam_rejects_max_docs_over_several_files(tmp_path, inputs, spm_model, c
     assert annotate.main(["--input", *inputs, "--spm", spm_model, "--out", str(tmp_path / "c"),
                           "--runner", "beam", "--max-docs", "3"]) == 1
     assert "needs a single input file" in capsys.readouterr().err
+
+
+def test_beam_empty_input_is_a_clear_error(tmp_path, spm_model, capsys):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    assert annotate.main(["--input", str(path), "--spm", spm_model, "--out", str(tmp_path / "c"),
+                          "--runner", "beam"]) == 1
+    assert f"no documents in {path}: the input is empty" in capsys.readouterr().err
