@@ -39,7 +39,8 @@ def _build_caches(args) -> dict[str, str]:
                "--workers", str(args.workers), "--max-docs", str(max_docs)]
         manifest = annotate.annotate_corpus(annotate.build_parser().parse_args(cli))
         print(f"      {manifest['counts']['records']} documents, {manifest['counts']['pieces']} pieces", flush=True)
-        caches[split] = out
+        # Absolute: each run's config.gin names its caches, and eval/generate run from anywhere.
+        caches[split] = os.path.abspath(out)
     return caches
 
 
