@@ -17,9 +17,10 @@ import sys
 import tempfile
 import time
 
-from lime_jax import annotate, corpus
-from lime_jax.metadata import spm
-from lime_jax.metadata.annotate import SpacyAnnotator
+from lime_jax.annotation import local_runner as annotate
+from lime_jax import corpus
+from lime_jax.annotation import spm
+from lime_jax.annotation.annotator import SpacyAnnotator
 
 
 def annotate_wps(path: str, spm_model: str, out: str, workers: int) -> tuple[float, int]:

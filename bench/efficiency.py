@@ -42,7 +42,7 @@ SPM_VOCAB = 4096  # gin/models/quickstart.gin
 
 def _split_corpus(path: str, out: str, heldout_docs: int) -> tuple[str, str]:
     """Writes the corpus's documents as train/heldout .jsonl files (last documents held out)."""
-    from lime_jax.metadata.inputs import iter_input_documents
+    from lime_jax.annotation.inputs import iter_input_documents
 
     texts = [t for _, t in iter_input_documents([path]) if t.strip()]
     if len(texts) <= heldout_docs:
@@ -59,9 +59,9 @@ def _split_corpus(path: str, out: str, heldout_docs: int) -> tuple[str, str]:
 def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: int, spm_docs: int,
                  workers: int) -> dict[str, str]:
     """SentencePiece + train/heldout caches under OUT (each reused when already complete)."""
-    from lime_jax import annotate
-    from lime_jax.metadata import spm
-    from lime_jax.metadata.inputs import iter_input_documents
+    from lime_jax.annotation import local_runner as annotate
+    from lime_jax.annotation import spm
+    from lime_jax.annotation.inputs import iter_input_documents
 
     os.makedirs(out, exist_ok=True)
     if corpus:
@@ -91,7 +91,9 @@ def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: in
 def train_and_eval(model_dir: str, caches: dict[str, str], bindings: list[str], steps: int, eval_every: int,
                    eval_batches: int, seed: int) -> dict:
     """Trains one run (skipped when already finished) and writes its held-out eval_results.json."""
-    from lime_jax import evaluate, model_dir as model_dir_lib, train
+    from lime_jax.evaluation import evaluate
+    from lime_jax.inference import model_dir as model_dir_lib
+    from lime_jax.trainer import train
 
     results_path = os.path.join(model_dir, evaluate.RESULTS_NAME)
     if os.path.exists(results_path):
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("lime_jax").setLevel(logging.WARNING)
-    from lime_jax import report
+    from lime_jax.evaluation import report
 
     t_start = time.time()
     caches = build_caches(args.out, args.corpus, args.train_docs, args.heldout_docs, args.spm_docs, args.workers)

@@ -38,9 +38,9 @@ def build_mixture(caches: dict[str, str], out_dir: str, addition_docs: int) -> s
     """The training cache's documents plus annotated addition problems, as one cache."""
     from lime_jax.data import cache as cache_lib
     from lime_jax.data import synthetic
-    from lime_jax.evaluate import read_cache_documents
-    from lime_jax.metadata.annotate import SpacyAnnotator
-    from lime_jax.metadata.pipeline import DocumentProcessor
+    from lime_jax.evaluation.evaluate import read_cache_documents
+    from lime_jax.annotation.annotator import SpacyAnnotator
+    from lime_jax.annotation.pipeline import DocumentProcessor
 
     if os.path.exists(os.path.join(out_dir, cache_lib.MANIFEST_NAME)):
         return out_dir
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lime_jax").setLevel(logging.WARNING)
     import efficiency
 
-    from lime_jax import evaluate, model_dir as model_dir_lib, train
+    from lime_jax.evaluation import evaluate
+    from lime_jax.inference import model_dir as model_dir_lib
+    from lime_jax.trainer import train
 
     t_start = time.time()
     caches = efficiency.build_caches(args.cache_root, None, args.train_docs, args.heldout_docs, 6000, args.workers)

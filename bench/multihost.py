@@ -19,8 +19,8 @@ import tempfile
 
 import numpy as np
 
-from lime_jax import distributed
-from lime_jax import metrics as metrics_lib
+from lime_jax.trainer import distributed
+from lime_jax.trainer import metrics as metrics_lib
 from lime_jax.data import cache
 
 VOCAB = 4096
@@ -41,7 +41,7 @@ def write_cache(out_dir: str, n_docs: int = 600, seed: int = 0) -> None:
 
 
 def run(num_processes: int, devices: int, model_dir: str, cache_dir: str, steps: int) -> dict:
-    argv = [sys.executable, "-m", "lime_jax.train", "--gin_file", "runs/quickstart.gin",
+    argv = [sys.executable, "-m", "lime_jax.trainer.train", "--gin_file", "runs/quickstart.gin",
             f"--gin.MODEL_DIR={model_dir}", f"--gin.CACHE_DIR={cache_dir}", f"--gin.TRAIN_STEPS={steps}",
             f"--gin.CHECKPOINT_EVERY={steps}", f"--gin.SEQ_LEN={SEQ_LEN}", f"--gin.BATCH_SIZE={BATCH}",
             "--gin.run.log_every=1", "--gin.run.progress=False", "--gin.run.read_threads=1",

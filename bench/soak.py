@@ -3,7 +3,7 @@
     python bench/soak.py                 # 30 minutes, a checkpoint a minute, a kill every 5
     python bench/soak.py --minutes 6     # the same, scaled: intervals are minutes/30 and /6
 
-The trainer runs as `python -m lime_jax.batch_log` subprocesses (`lime-jax train` logging a
+The trainer runs as `python -m lime_jax.trainer.batch_log` subprocesses (`lime-jax train` logging a
 digest of every batch it takes). Every kill interval (randomised +-20%, seeded) the live process gets SIGKILL and a new
 one resumes from the model dir; at the end the last one gets SIGTERM (save and exit 0). Then:
 - exact: every process took exactly the batches an uninterrupted loader yields from the step
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from lime_jax import batch_log
+from lime_jax.trainer import batch_log
 
 VOCAB = 512
 TRAIN_STEPS = 1_000_000  # the schedule's horizon; runs stop by time
@@ -68,7 +68,7 @@ def _rss_mb(pid: int) -> float | None:
 
 
 def _sealed_steps(model_dir: str) -> list[int]:
-    from lime_jax import checkpoint as ckpt_lib
+    from lime_jax.trainer import checkpoint as ckpt_lib
 
     d = os.path.join(model_dir, "checkpoints")
     if not os.path.isdir(d):
@@ -86,7 +86,7 @@ def _life(args, model_dir, cache_dir, checkpoint_every, index, seconds, final: b
     env = dict(os.environ, **{batch_log.ENV_VAR: log_path})
     with open(err_path, "w") as err:
         # Not the repo: gin would take a stray `runs/` directory there for its config package.
-        proc = subprocess.Popen([sys.executable, "-m", "lime_jax.batch_log", *argv], cwd=model_dir, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "lime_jax.trainer.batch_log", *argv], cwd=model_dir, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
     t_end = time.time() + seconds
     rss_first_ckpt = None
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     checkpoint_every = 10 ** 6
     lives = [_life(args, model_dir, cache_dir, checkpoint_every, 0, min(60.0, kill_every_s), final=False)]
-    from lime_jax import metrics as metrics_lib
+    from lime_jax.trainer import metrics as metrics_lib
 
     rows = metrics_lib.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
     step_s = float(np.median([r["train/step_time_s"] for r in rows if "train/step_time_s" in r]))
@@ -167,8 +167,8 @@ def main(argv=None) -> int:
             break
     kills = len(lives) - 1
 
-    from lime_jax import checkpoint as ckpt_lib
-    from lime_jax import train as train_lib
+    from lime_jax.trainer import checkpoint as ckpt_lib
+    from lime_jax.trainer import train as train_lib
 
     final_step = ckpt_lib.Checkpointer(model_dir, read_only=True).latest_step()
     # A life killed before its first checkpoint may have read past the final step: compare it too.
@@ -179,14 +179,14 @@ def main(argv=None) -> int:
     print(f"reference: {final_step} uninterrupted steps", flush=True)
     train_lib.train(_gin_files(), _bindings(ref_dir, cache_dir, 10 ** 8), stop_after_steps=final_step)
 
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     import gin
     import jax
 
     cfg = ModelConfig()  # the tiny model, still bound from the reference run's configs
     gin.clear_config()
-    _, abstract = sharding.abstract_model(cfg)
+    _, abstract = abstract_model(cfg)
     got, step = ckpt_lib.restore_params(model_dir, abstract)
     want, ref_step = ckpt_lib.restore_params(ref_dir, abstract)
     params_ok = step == ref_step == final_step and all(

@@ -3,7 +3,7 @@
 Both figures come from this one run (the machine may be shared, so only ratios are stable):
   peak:  the best FLOP/s of a large jitted f32 matmul (N x N @ N x N, 2 N^3 FLOPs) on the same
          devices, used as the MFU denominator instead of a datasheet number;
-  train: `lime_jax.train.run` end to end (Grain loader, jitted sharded step, metrics one step
+  train: `lime_jax.trainer.train.run` end to end (Grain loader, jitted sharded step, metrics one step
          late) with the LIME run config and the quickstart model size (gin/runs/quickstart.gin)
          on a synthetic cache, no checkpoints or evals inside the timed steps. tokens/s counts
          all B*L positions per step; MFU uses the FLOP count stated in lime_jax/metrics.py.
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gin_bindings", action="append", default=[], help="extra gin bindings")
     args = p.parse_args(argv)
 
-    from lime_jax import train as train_lib
+    from lime_jax.trainer import train as train_lib
     from lime_jax.model import ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:

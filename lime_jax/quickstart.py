@@ -22,8 +22,9 @@ ARMS = {
 
 
 def _build_caches(args) -> dict[str, str]:
-    from lime_jax import annotate, corpus
-    from lime_jax.metadata import spm
+    from lime_jax.annotation import local_runner as annotate
+    from lime_jax import corpus
+    from lime_jax.annotation import spm
 
     os.makedirs(args.out, exist_ok=True)
     spm_model = os.path.join(args.out, "spm.model")
@@ -45,7 +46,7 @@ def _build_caches(args) -> dict[str, str]:
 
 
 def _train_arms(args, caches: dict[str, str]) -> dict[str, dict]:
-    from lime_jax import train
+    from lime_jax.trainer import train
 
     results = {}
     for arm in args.arms:

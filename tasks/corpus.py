@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from lime_jax.data import cache
 from lime_jax.data.seqio_features import LimeLMFeatureConverter, split_examples
-from lime_jax.metadata.vocab import TagVocab
+from lime_jax.annotation.vocab import TagVocab
 from tasks.vocabularies import TagVocabulary
 
 # Registered task or mixture name -> the LIME shift its batches use (0 LIME, +1 LIME+1).

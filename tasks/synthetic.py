@@ -25,8 +25,8 @@ GENERATORS = {"addition": synthetic.addition_examples, "reasoning": synthetic.re
 
 @functools.lru_cache(maxsize=4)
 def _processor(cache_dir: str):
-    from lime_jax.metadata.annotate import SpacyAnnotator
-    from lime_jax.metadata.pipeline import DocumentProcessor
+    from lime_jax.annotation.annotator import SpacyAnnotator
+    from lime_jax.annotation.pipeline import DocumentProcessor
 
     manifest = cache.load_manifest(cache_dir)
     spacy_info = manifest.get("spacy", {})

@@ -11,11 +11,12 @@ from collections.abc import Iterable, Sequence
 import seqio
 import tensorflow as tf
 
-from lime_jax.metadata.vocab import NONE_ID, PAD_ID, TagVocab
+from lime_jax.annotation.vocab import TagVocab
+from lime_jax.ids import NONE_ID, PAD_ID
 
 
 class TagVocabulary(seqio.Vocabulary):
-    """Wraps a `lime_jax.metadata.vocab.TagVocab`. Text form: labels joined by spaces."""
+    """Wraps a `lime_jax.annotation.vocab.TagVocab`. Text form: labels joined by spaces."""
 
     def __init__(self, tag_vocab: TagVocab):
         super().__init__(extra_ids=0)

@@ -19,7 +19,7 @@ def spm_model(tmp_path_factory) -> str:
     import itertools
 
     from lime_jax import corpus
-    from lime_jax.metadata import spm
+    from lime_jax.annotation import spm
 
     texts = (t for _, t in itertools.islice(corpus.iter_documents(corpus.BUNDLED["train"]), SPM_TEST_DOCS))
     return spm.train_spm(texts, str(tmp_path_factory.mktemp("spm") / "spm"), SPM_TEST_VOCAB)
@@ -28,7 +28,7 @@ def spm_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def annotator():
     """The real spaCy English pipeline (parser and lemmatizer off), loaded once per session."""
-    from lime_jax.metadata.annotate import SpacyAnnotator
+    from lime_jax.annotation.annotator import SpacyAnnotator
 
     return SpacyAnnotator()
 

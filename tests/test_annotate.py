@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from lime_jax import annotate
+from lime_jax.annotation import local_runner as annotate
 from lime_jax.data import cache as cache_lib
-from lime_jax.metadata import inputs, spm
+from lime_jax.annotation import inputs, spm
 
 TEXTS = [
     "The Congress shall assemble at least once in every year.",

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from lime_jax import aot
-from lime_jax import train as train_lib
+from lime_jax.trainer import aot
+from lime_jax.trainer import train as train_lib
 
 # (run config, model, intended mesh): 500M on one 8-GPU node, 1B on two nodes, 2B on a
 # 32-chip TPU slice.

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from lime_jax import evaluate, model_dir
+from lime_jax.evaluation import evaluate
+from lime_jax.inference import model_dir
 from lime_jax.data import cache as cache_lib
-from lime_jax.metadata.vocab import TagVocab
+from lime_jax.annotation.vocab import TagVocab
 
 V, D = 16, 24  # tokens use embedding dims 0..15, POS tags dims 16..21 (see handset_params)
 

@@ -19,10 +19,10 @@ import time
 import numpy as np
 import pytest
 
-from lime_jax import batch_log
-from lime_jax import checkpoint as ckpt_lib
-from lime_jax import metrics as metrics_lib
-from lime_jax import train as train_lib
+from lime_jax.trainer import batch_log
+from lime_jax.trainer import checkpoint as ckpt_lib
+from lime_jax.trainer import metrics as metrics_lib
+from lime_jax.trainer import train as train_lib
 from lime_jax.data import cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,11 +85,11 @@ def _argv(bindings):
 
 
 def _final_params(model_dir):
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                       dtype="float32", metadata=(("pos", 52), ("ner", 39)))
-    _, abstract = sharding.abstract_model(cfg)
+    _, abstract = abstract_model(cfg)
     params, step = ckpt_lib.restore_params(model_dir, abstract)
     return step, params
 
@@ -125,7 +125,7 @@ def _spawn(bindings, log_path, stderr_path):
                JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(os.path.dirname(log_path)), "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     with open(stderr_path, "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "lime_jax.batch_log", *_argv(bindings)],
+        return subprocess.Popen([sys.executable, "-m", "lime_jax.trainer.batch_log", *_argv(bindings)],
                                 cwd=os.path.dirname(log_path), env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
@@ -251,13 +251,13 @@ def _restore_newest(model_dir, cache_dir):
     """Checkpointer-level resume, as the trainer does it, without compiling a step."""
     import jax
 
-    from lime_jax import optim
+    from lime_jax.trainer import optim
     from lime_jax.data import loader
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                       dtype="float32", metadata=(("pos", 52), ("ner", 39)))
-    _, abstract = sharding.abstract_model(cfg)
+    _, abstract = abstract_model(cfg)
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(), 6)
     abstract_train = {"step": jax.ShapeDtypeStruct((), np.int32),
                       "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
@@ -274,7 +274,7 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(short_run, cache_dir,
     model_dir = str(tmp_path / "m")
     shutil.copytree(short_run, model_dir)
     DAMAGE[damage](os.path.join(model_dir, "checkpoints", "6"))
-    with caplog.at_level(logging.WARNING, logger="lime_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lime_jax.trainer.checkpoint"):
         step, (_, _, train) = _restore_newest(model_dir, cache_dir)
     assert step == 3 and int(train["step"]) == 3
     damaged = os.path.join(model_dir, "checkpoints", "6")
@@ -302,7 +302,7 @@ def test_no_intact_checkpoint_is_a_clear_error(short_run, cache_dir, tmp_path, c
     # The CLI says so and exits 1 before any step; restore_params (eval, generate) refuses too.
     capfd.readouterr()
     assert train_lib.main(_argv(_bindings(model_dir, cache_dir, TRAIN_STEPS=6))) == 1
-    assert "ERROR lime_jax.train: no intact checkpoint" in capfd.readouterr().err
+    assert "ERROR lime_jax.trainer.train: no intact checkpoint" in capfd.readouterr().err
     with pytest.raises(ckpt_lib.NoIntactCheckpointError):
         _final_params(model_dir)
 
@@ -311,7 +311,7 @@ def test_trainer_resumes_from_the_intact_checkpoint_and_matches(short_run, cache
     model_dir = str(tmp_path / "m")
     shutil.copytree(short_run, model_dir)
     _edit_iterator_state(os.path.join(model_dir, "checkpoints", "6"))
-    with caplog.at_level(logging.WARNING, logger="lime_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lime_jax.trainer.checkpoint"):
         summary = train_lib.train(GIN_FILES, _bindings(model_dir, cache_dir, TRAIN_STEPS=6))
     assert summary["start_step"] == 3 and summary["step"] == 6
     assert "checkpoints/6 is damaged" in caplog.text
@@ -349,7 +349,7 @@ def test_corrupt_cache_fails_before_step_1_naming_the_file(cache_dir, tmp_path, 
     capfd.readouterr()
     assert train_lib.main(_argv(_bindings(model_dir, bad_cache))) == 1
     err = capfd.readouterr().err
-    assert f"ERROR lime_jax.train: {os.path.join(bad_cache, 'shard-00001.array_record')}: sha256" in err
+    assert f"ERROR lime_jax.trainer.train: {os.path.join(bad_cache, 'shard-00001.array_record')}: sha256" in err
     assert not os.path.exists(model_dir / "checkpoints") and not os.path.exists(model_dir / "metrics.jsonl")
 
 
@@ -383,7 +383,7 @@ def test_full_disk_during_save_stops_clearly_and_keeps_the_last_checkpoint(cache
     capfd.readouterr()
     assert train_lib.main(_argv(bindings)) == 1
     err = capfd.readouterr().err
-    assert "ERROR lime_jax.train: saving checkpoint step 6" in err and "No space left on device" in err
+    assert "ERROR lime_jax.trainer.train: saving checkpoint step 6" in err and "No space left on device" in err
     ckpt = ckpt_lib.Checkpointer(model_dir, read_only=True)
     assert ckpt.all_steps() == [3]
     assert ckpt_lib.check_step_dir(ckpt.step_dir(3)) is None
@@ -456,7 +456,7 @@ def test_planted_pickles_in_a_model_dir_are_never_opened(short_run, cache_dir, t
 
 
 def test_config_gin_of_a_model_dir_imports_nothing(tmp_path, monkeypatch):
-    from lime_jax import model_dir as model_dir_lib
+    from lime_jax.inference import model_dir as model_dir_lib
 
     code_dir = tmp_path / "code"
     code_dir.mkdir()

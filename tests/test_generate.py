@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
-from lime_jax import generate, model_dir
+from lime_jax.inference import generate
+from lime_jax.inference import model_dir
 from lime_jax.data import cache as cache_lib
-from lime_jax.metadata.vocab import NONE_ID, PAD_ID, TagVocab
+from lime_jax.annotation.vocab import TagVocab
+from lime_jax.ids import NONE_ID, PAD_ID
 from test_evaluate import V, handset_params, numpy_model, tiny_cfg
 
 POS = TagVocab("pos", ("CD", ".", "NN", "DT"))  # ids 2..5
@@ -202,7 +204,7 @@ def real_dirs(tmp_path_factory, spm_model, annotator):
 
     from flax import nnx
 
-    from lime_jax.metadata.pipeline import FEATURES, DocumentProcessor
+    from lime_jax.annotation.pipeline import FEATURES, DocumentProcessor
     from lime_jax.model import ModelConfig
 
     root = tmp_path_factory.mktemp("real")
@@ -248,7 +250,7 @@ def test_generate_text_with_oracle_guidance_and_reannotation(real_dirs, capsys):
 
 @pytest.mark.slow
 def test_eval_tasks_end_to_end_on_the_real_pipeline(real_dirs):
-    from lime_jax import evaluate
+    from lime_jax.evaluation import evaluate
 
     for arm, modes in (("lime_plus1", ["unguided", "guided"]), ("lime", ["reannotated"])):
         loaded = model_dir.load(real_dirs[arm])

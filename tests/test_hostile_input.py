@@ -14,11 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lime_jax import annotate
-from lime_jax.metadata.align import MAX_SUBWORD_INDEX
-from lime_jax.metadata.pipeline import DocumentProcessor, check_invariants
-from lime_jax.metadata.spm import EOS_ID
-from lime_jax.metadata.vocab import NONE_ID
+from lime_jax.annotation import local_runner as annotate
+from lime_jax.annotation.align import MAX_SUBWORD_INDEX
+from lime_jax.annotation.pipeline import DocumentProcessor, check_invariants
+from lime_jax.ids import EOS_ID, NONE_ID
 
 COMBINING = st.characters(whitelist_categories=("Mn", "Me", "Mc"))
 RTL = st.characters(min_codepoint=0x0590, max_codepoint=0x06FF) | st.sampled_from(

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lime_jax.metadata import align, vocab
-from lime_jax.metadata.annotate import split_long_text
-from lime_jax.metadata.pipeline import DocumentProcessor, check_invariants
-from lime_jax.metadata.spm import EOS_ID, Tokenizer
-from lime_jax.metadata.vocab import NONE_ID, PAD_ID
+from lime_jax.annotation import align, vocab
+from lime_jax.annotation.annotator import split_long_text
+from lime_jax.annotation.pipeline import DocumentProcessor, check_invariants
+from lime_jax.annotation.spm import Tokenizer
+from lime_jax.ids import EOS_ID, NONE_ID, PAD_ID
 
 # --- vocabularies -----------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def test_tokenizer_rejects_foreign_model(tmp_path):
 
 
 def test_show_json(spm_model, capsys):
-    from lime_jax.metadata import show
+    from lime_jax.annotation import show
 
     assert show.main(["--spm", spm_model, "--json", "--plus-one", "Hi", "Bob."]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -14,12 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from lime_jax import checkpoint as ckpt_lib
-from lime_jax import distributed
-from lime_jax import metrics as metrics_lib
-from lime_jax import train as train_lib
+from lime_jax.trainer import checkpoint as ckpt_lib
+from lime_jax.trainer import distributed
+from lime_jax.trainer import metrics as metrics_lib
+from lime_jax.trainer import train as train_lib
 from lime_jax.data import cache
-from lime_jax.model import ModelConfig, sharding
+from lime_jax.model import ModelConfig, abstract_model, sharding
 
 VOCAB = 64
 STEPS = 6
@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     eval_docs = _write_cache(eval_dir, 16, seed=1, lengths=((150, 200), (8, 12)))
     two_dir, one_dir = str(root / "two"), str(root / "one")
 
-    argv = [sys.executable, "-m", "lime_jax.train"]
+    argv = [sys.executable, "-m", "lime_jax.trainer.train"]
     for f in GIN_FILES:
         argv += ["--gin_file", f]
     for b in _bindings(two_dir, cache_dir, eval_dir):
@@ -101,8 +101,8 @@ def test_two_processes_match_one_process(runs):
         assert [r["step"] for r in evals] == [STEPS] and evals[0]["eval/num_tokens"] == eval_tokens
     # Only process 0 logs INFO lines (the model summary).
     chief, other = (open(os.path.join(log_dir, f"process_{i}.log")).read() for i in range(2))
-    assert "params" in chief and "lime_jax.train: model" in chief
-    assert "lime_jax.train: model" not in other
+    assert "params" in chief and "lime_jax.trainer.train: model" in chief
+    assert "lime_jax.trainer.train: model" not in other
 
 
 @pytest.mark.slow
@@ -117,7 +117,7 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     cfg = ModelConfig()
     rules = sharding.sharding_rules()
     mesh = sharding.make_mesh((1, 8, 1))  # another layout than training used: resharded on read
-    _, abstract = sharding.abstract_model(cfg, rules)
+    _, abstract = abstract_model(cfg, rules)
     target = ckpt_lib.with_shardings(abstract, sharding.state_shardings(abstract, mesh, rules))
     two_params, step = ckpt_lib.restore_params(two_dir, target)
     one_params, _ = ckpt_lib.restore_params(one_dir, target)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lime_jax import report
+from lime_jax.evaluation import report
 
 SEQ_LEN, BATCH = 8, 4  # 32 tokens per step
 

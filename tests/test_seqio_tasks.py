@@ -12,8 +12,8 @@ seqio = pytest.importorskip("seqio")
 import tasks  # noqa: E402  (registers the default tasks if a default cache exists)
 from lime_jax.data import cache, loader, synthetic  # noqa: E402
 from lime_jax.data.seqio_features import LimeLMFeatureConverter  # noqa: E402
-from lime_jax.metadata import vocab as vocab_lib  # noqa: E402
-from lime_jax.metadata.spm import train_spm  # noqa: E402
+from lime_jax.annotation import vocab as vocab_lib  # noqa: E402
+from lime_jax.annotation.spm import train_spm  # noqa: E402
 
 POS = vocab_lib.pos_vocab([f"P{i}" for i in range(50)])
 NER = vocab_lib.ner_vocab()
@@ -165,7 +165,7 @@ def test_generators_are_deterministic():
 
 @pytest.mark.slow
 def test_synthetic_tasks_annotated_with_the_pipeline(tmp_path, spm_model, corpus):
-    from lime_jax.metadata.annotate import DEFAULT_SPACY_MODEL, SpacyAnnotator
+    from lime_jax.annotation.annotator import DEFAULT_SPACY_MODEL, SpacyAnnotator
 
     _, docs, _ = corpus
     pos, ner = SpacyAnnotator().vocabularies()

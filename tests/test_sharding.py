@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from lime_jax.model import (DEFAULT_RULES, Decoder, ModelConfig, batch_sharding, create_sharded_model,
                             jit_loss_fn, logical_to_pspec, make_mesh, sharding_rules, state_shardings,
                             synthetic_batch)
-from lime_jax.model.sharding import abstract_model
+from lime_jax.model import abstract_model
 
 # One layer keeps the many compiles here cheap; test_model.py covers depth.
 TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128,

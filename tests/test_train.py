@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from lime_jax import checkpoint as ckpt_lib
-from lime_jax import metrics as metrics_lib
-from lime_jax import optim
-from lime_jax import train as train_lib
+from lime_jax.trainer import checkpoint as ckpt_lib
+from lime_jax.trainer import metrics as metrics_lib
+from lime_jax.trainer import optim
+from lime_jax.trainer import train as train_lib
 from lime_jax.data import cache
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "train_tiny_lime.json")
@@ -143,10 +143,10 @@ def test_mesh_2x2x2_matches_8x1x1(full_run, caches, tmp_path):
 
 def test_restore_params_alone(full_run):
     model_dir, _ = full_run
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, metadata=(("pos", 52), ("ner", 39)))
-    _, abstract = sharding.abstract_model(cfg)
+    _, abstract = abstract_model(cfg)
     params, step = ckpt_lib.restore_params(model_dir, abstract)
     assert step == STEPS
     assert params["embed"]["token"].shape == (VOCAB, 32)
@@ -189,10 +189,10 @@ def test_flag_values_become_gin_literals():
 def test_weight_decay_skips_norms_and_embeddings():
     from flax import nnx
 
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(metadata=(("pos", 52),), metadata_weight="learned", tie_embeddings=False)
-    _, abstract = sharding.abstract_model(cfg)
+    _, abstract = abstract_model(cfg)
     mask = {"/".join(map(str, p)): bool(v.get_value()) for p, v in nnx.to_flat_state(optim.decay_mask(abstract))}
     assert not any(mask[k] for k in mask if k.startswith("embed/") or k.endswith("scale"))
     assert mask["head"] and mask["blocks/0/attn/wq"] and mask["blocks/1/mlp/w_down"]
@@ -209,11 +209,11 @@ def test_grad_accumulation_matches_full_batch(full_run, caches):
     import jax
 
     from lime_jax.data import loader
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32",
                       metadata=(("pos", 52), ("ner", 39)))
-    graphdef, abstract = sharding.abstract_model(cfg)
+    graphdef, abstract = abstract_model(cfg)
     params, _ = ckpt_lib.restore_params(full_run[0], abstract)  # trained weights: no init compile
     batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
     out = []
@@ -236,7 +236,7 @@ def test_sigterm_saves_and_exits_zero(caches, tmp_path):
         a for b in _bindings(model_dir, caches, **{"TRAIN_STEPS": 100000, "CHECKPOINT_EVERY": 100000,
                                                    "EVAL_EVERY": 100000})
         for a in ("--gin_bindings", b)]
-    proc = subprocess.Popen([sys.executable, "-m", "lime_jax.train", *argv], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lime_jax.trainer.train", *argv], stderr=subprocess.PIPE, text=True)
     jsonl = os.path.join(model_dir, "metrics.jsonl")
     deadline = time.time() + 120
     while not (os.path.exists(jsonl) and len(open(jsonl).readlines()) >= 3):
@@ -295,11 +295,11 @@ def test_metadata_dropout_step_trains_on_the_masked_batch(full_run, caches):
     import jax
 
     from lime_jax.data import loader
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32",
                       metadata=(("pos", 52), ("ner", 39)))
-    graphdef, abstract = sharding.abstract_model(cfg)
+    graphdef, abstract = abstract_model(cfg)
     params, _ = ckpt_lib.restore_params(full_run[0], abstract)
     batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
     train = {"step": jax.numpy.array(7, "int32"), "rng": jax.random.key_data(jax.random.key(0))}

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD_ID = 0
-NONE_ID = 1  # tag vocabularies: "no word" (BOS, EOS, outside the segment)
-BOS_INPUT_ID = 0  # T5X/SeqIO convention: decoder input of a segment's first position
+from lime_jax.ids import BOS_INPUT_ID, NONE_ID
 
 
 def split_document(doc_FxL: np.ndarray, seq_len: int) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from lime_jax.data.packing import NONE_ID
+from lime_jax.ids import NONE_ID
 
 _SPEC = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
 

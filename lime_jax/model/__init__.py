@@ -1,16 +1,14 @@
 """LIME model: config, metadata-aware embedding, sharded decoder and loss (no data/TF imports)."""
 from lime_jax.model.config import ModelConfig
-from lime_jax.model.decoder import Decoder
+from lime_jax.model.decoder import Decoder, abstract_model, create_sharded_model
 from lime_jax.model.embed import LimeEmbed, checked
 from lime_jax.model.loss import jit_loss_fn, loss_and_metrics, metadata_from_batch, synthetic_batch
 from lime_jax.model.sharding import (
     DEFAULT_RULES,
     LOGICAL_AXES,
     MESH_AXES,
-    abstract_model,
     batch_sharding,
     create_sharded,
-    create_sharded_model,
     logical_to_pspec,
     make_mesh,
     sharding_rules,

@@ -187,3 +187,16 @@ class Decoder(nnx.Module):
     def param_overhead(self) -> float:
         """Metadata-table params / all params (0.0 for the baseline)."""
         return self.embed.param_overhead(self.param_count())
+
+
+def create_sharded_model(
+    cfg, mesh: jax.sharding.Mesh, rules: sharding.Rules | None = None, seed: int = 0
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """`Decoder(cfg)` with parameters created sharded on `mesh`; merge with `nnx.merge`."""
+    rules = sharding.resolve_rules(rules)
+    return sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed), rules=rules), mesh, rules)
+
+
+def abstract_model(cfg, rules: sharding.Rules | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graphdef and abstract (ShapeDtypeStruct) state of `Decoder(cfg)`: no FLOPs, no memory."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), rules=sharding.resolve_rules(rules))))

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import checkify
 
-from lime_jax.metadata.vocab import PAD_ID
+from lime_jax.ids import PAD_ID
 from lime_jax.model.config import ModelConfig
 from lime_jax.model.sharding import Rules, constrain, init_param, resolve_rules
 

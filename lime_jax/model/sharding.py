@@ -246,20 +246,3 @@ def create_sharded(
     with _placed(mesh, rules):
         graphdef, state = nnx.split(init_fn())
     return graphdef, jax.device_put(state, shardings)
-
-
-def create_sharded_model(
-    cfg, mesh: jax.sharding.Mesh, rules: Rules | None = None, seed: int = 0
-) -> tuple[nnx.GraphDef, nnx.State]:
-    """`Decoder(cfg)` with parameters created sharded on `mesh`; merge with `nnx.merge`."""
-    from lime_jax.model.decoder import Decoder  # decoder imports this module
-
-    rules = resolve_rules(rules)
-    return create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(seed), rules=rules), mesh, rules)
-
-
-def abstract_model(cfg, rules: Rules | None = None) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graphdef and abstract (ShapeDtypeStruct) state of `Decoder(cfg)`: no FLOPs, no memory."""
-    from lime_jax.model.decoder import Decoder
-
-    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), rules=resolve_rules(rules))))

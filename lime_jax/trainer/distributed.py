@@ -29,7 +29,7 @@ from typing import Any
 
 import gin
 
-log = logging.getLogger("lime_jax.distributed")
+log = logging.getLogger("lime_jax.trainer.distributed")
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lime_jax.metadata import align
-from lime_jax.metadata.annotate import AnnotatedDoc, Annotator
-from lime_jax.metadata.spm import EOS_ID, Tokenizer
-from lime_jax.metadata.vocab import NONE_ID, TagVocab
+from lime_jax.annotation import align
+from lime_jax.annotation.annotator import AnnotatedDoc, Annotator
+from lime_jax.annotation.spm import Tokenizer
+from lime_jax.annotation.vocab import TagVocab
+from lime_jax.ids import EOS_ID, NONE_ID
 
 FEATURES = ("targets", "targets_pos", "targets_ner", "subword_index")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lime_jax.metadata.vocab import NONE_ID
+from lime_jax.ids import NONE_ID
 
 TOKENIZATIONS = ("lime", "plain")
 MAX_SUBWORD_INDEX = 64

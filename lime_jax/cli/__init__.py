@@ -10,15 +10,15 @@ import sys
 
 # name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "spm-train": ("lime_jax.metadata.spm", "train a SentencePiece model on text files"),
-    "show": ("lime_jax.metadata.show", "print the pieces and POS/NER tags of a text"),
-    "annotate": ("lime_jax.annotate", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
-    "train": ("lime_jax.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
+    "spm-train": ("lime_jax.annotation.spm", "train a SentencePiece model on text files"),
+    "show": ("lime_jax.annotation.show", "print the pieces and POS/NER tags of a text"),
+    "annotate": ("lime_jax.annotation.local_runner", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
+    "train": ("lime_jax.trainer.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
     "quickstart": ("lime_jax.quickstart", "SentencePiece, annotation, baseline and LIME runs on the bundled corpus"),
-    "eval": ("lime_jax.evaluate", "held-out perplexity/accuracy, token cohesion, cloze, addition and reasoning of a run"),
-    "generate": ("lime_jax.generate", "generate text with a KV cache; LIME+1 metadata guidance"),
-    "report": ("lime_jax.report", "plots and a markdown summary comparing runs (data efficiency)"),
-    "aot": ("lime_jax.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
+    "eval": ("lime_jax.evaluation.evaluate", "held-out perplexity/accuracy, token cohesion, cloze, addition and reasoning of a run"),
+    "generate": ("lime_jax.inference.generate", "generate text with a KV cache; LIME+1 metadata guidance"),
+    "report": ("lime_jax.evaluation.report", "plots and a markdown summary comparing runs (data efficiency)"),
+    "aot": ("lime_jax.trainer.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
 }
 
 

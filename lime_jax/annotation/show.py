@@ -5,9 +5,9 @@ import argparse
 import json
 import sys
 
-from lime_jax.metadata import align
-from lime_jax.metadata.annotate import DEFAULT_SPACY_MODEL, SpacyAnnotator
-from lime_jax.metadata.pipeline import DocumentProcessor
+from lime_jax.annotation import align
+from lime_jax.annotation.annotator import DEFAULT_SPACY_MODEL, SpacyAnnotator
+from lime_jax.annotation.pipeline import DocumentProcessor
 
 
 def show(text: str, processor: DocumentProcessor, plus_one: bool = False) -> dict:

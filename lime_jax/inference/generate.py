@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from lime_jax.metadata.vocab import NONE_ID, PAD_ID, TagVocab, UnknownTagError
+from lime_jax.annotation.vocab import TagVocab, UnknownTagError
+from lime_jax.ids import EOS_ID, NONE_ID, PAD_ID
 
-EOS_ID = 1
 # Guide entries that stand for a whole step (every tag type), not a tag name.
 STEP_TAGS = {"NONE": NONE_ID, "<none>": NONE_ID, "-": PAD_ID}  # "-": unguided, no metadata
 
@@ -223,7 +223,7 @@ def decode_batch(
 
 def tag_rows(loaded) -> list[int]:
     """Feature rows of the cache format that hold the model's tables, in table order."""
-    from lime_jax.metadata.pipeline import FEATURES
+    from lime_jax.annotation.pipeline import FEATURES
 
     rows = []
     for name in loaded.cfg.metadata_names:
@@ -235,7 +235,7 @@ def tag_rows(loaded) -> list[int]:
 
 def annotate_texts(loaded, texts: Sequence[str]) -> list[np.ndarray]:
     """[4, L] pipeline features of each text, EOS dropped (empty text: [4, 0])."""
-    from lime_jax.metadata.pipeline import FEATURES
+    from lime_jax.annotation.pipeline import FEATURES
 
     feats, _ = loaded.processor.process(list(texts))
     return [np.zeros((len(FEATURES), 0), np.int32) if f is None else f[:, :-1] for f in feats]
@@ -263,7 +263,7 @@ def make_retagger(loaded) -> Callable[[list[list[int]]], list[np.ndarray]]:
     Pieces are mapped to words by character offsets (a piece takes the tags of the word holding
     its first non-space character), so any segmentation the model produced can be tagged.
     """
-    from lime_jax.metadata import align
+    from lime_jax.annotation import align
 
     tok, annotator = loaded.tokenizer, loaded.processor.annotator
     names = loaded.cfg.metadata_names
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the run's training cache)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    from lime_jax import model_dir
+    from lime_jax.inference import model_dir
 
     try:
         loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)

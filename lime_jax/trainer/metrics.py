@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 
-log = logging.getLogger("lime_jax.train")
+log = logging.getLogger("lime_jax.trainer.train")
 
 # Dense bf16 peak per device (FLOP/s) for the MFU denominator when none is configured. CPU has
 # no meaningful datasheet peak: there MFU is only reported when a peak is given (the benchmark

@@ -55,8 +55,8 @@ class Run:
 
 
 def load_run(path: str) -> Run:
-    from lime_jax import metrics as metrics_lib
-    from lime_jax import model_dir
+    from lime_jax.trainer import metrics as metrics_lib
+    from lime_jax.inference import model_dir
 
     run_cfg = model_dir.read_run_config(path)
     mpath = os.path.join(path, "metrics.jsonl")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="directory for the plots and report.md")
     args = p.parse_args(argv)
-    from lime_jax.model_dir import ModelDirError
+    from lime_jax.inference.model_dir import ModelDirError
 
     try:
         summary = report(args.run_dirs, args.out)

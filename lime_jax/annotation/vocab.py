@@ -15,11 +15,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from lime_jax.ids import NONE_ID, NUM_RESERVED_TAGS, PAD_ID
+
 PAD = "<pad>"
 NONE = "<none>"
-PAD_ID = 0
-NONE_ID = 1
-NUM_RESERVED = 2
+NUM_RESERVED = NUM_RESERVED_TAGS
 
 # spaCy's OntoNotes entity types (en_core_web_* pipelines).
 ONTONOTES_TYPES = (

@@ -6,7 +6,7 @@
 Stages: input files -> read documents (one task per file, in workers) -> group into shards of
 `--docs-per-shard` documents of one file -> `AnnotateShardFn` (spaCy + SentencePiece loaded once
 per worker in `DoFn.setup`, then the same `DocumentProcessor` code as the local path, via
-`lime_jax.annotate`) writes each shard with `lime_jax.data.cache.write_shard` into a staging
+`lime_jax.annotation.local_runner`) writes each shard with `lime_jax.data.cache.write_shard` into a staging
 directory -> the driver numbers the shards, moves them into the cache and writes the same
 manifest, vocab files and `spm.model` as `--runner local`. The cache holds the same documents
 as a local run of the same inputs (shards are cut per input file, so their order and sizes can
@@ -30,10 +30,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from lime_jax import annotate as local
+from lime_jax.annotation import local_runner as local
 from lime_jax.data import cache as cache_lib
-from lime_jax.metadata import inputs as inputs_lib
-from lime_jax.metadata.pipeline import FEATURES, Stats
+from lime_jax.annotation import inputs as inputs_lib
+from lime_jax.annotation.pipeline import FEATURES, Stats
 
 STAGING_NAME = ".beam-staging"
 RUNNER = "beam"
@@ -97,7 +97,7 @@ def build_pipeline(p: beam.Pipeline, paths: list[str], args, staging_dir: str) -
 
 
 def annotate_corpus(args) -> dict:
-    """The Beam counterpart of `lime_jax.annotate.annotate_corpus` (same args, same cache)."""
+    """The Beam counterpart of `lime_jax.annotation.local_runner.annotate_corpus` (same args, same cache)."""
     paths = inputs_lib.resolve_inputs(args.input)
     if args.max_docs is not None and len(paths) > 1:
         raise ValueError("--max-docs with --runner beam needs a single input file (files are read in "

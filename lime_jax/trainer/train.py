@@ -1,7 +1,7 @@
 """The lime_jax trainer: gin-configured, one jitted sharded step, Orbax checkpoints, metrics.
 
     lime-jax train --gin_file gin/runs/lime.gin --gin.MODEL_DIR=/tmp/run --gin.CACHE_DIR=...
-    python -m lime_jax.train --gin_file runs/lime.gin --gin_bindings "TRAIN_STEPS = 100"
+    python -m lime_jax.trainer.train --gin_file runs/lime.gin --gin_bindings "TRAIN_STEPS = 100"
 
 In-process use (the quickstart): `train(config_files, bindings) -> summary dict`.
 
@@ -38,18 +38,18 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lime_jax import checkpoint as ckpt_lib
-from lime_jax import distributed
-from lime_jax import metrics as metrics_lib
-from lime_jax import optim
+from lime_jax.trainer import checkpoint as ckpt_lib
+from lime_jax.trainer import distributed
+from lime_jax.trainer import metrics as metrics_lib
+from lime_jax.trainer import optim
 from lime_jax.data import loader
 from lime_jax.data.cache import CacheError
-from lime_jax.model import ModelConfig, loss_and_metrics, sharding
+from lime_jax.model import ModelConfig, abstract_model, create_sharded_model, loss_and_metrics, sharding
 from lime_jax.model.loss import batch_metadata_keys
 
-log = logging.getLogger("lime_jax.train")
+log = logging.getLogger("lime_jax.trainer.train")
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A source checkout has the configs in gin/ beside the package; a wheel ships them as lime_jax/gin.
 GIN_DIR = next((d for d in (os.path.join(os.path.dirname(_PACKAGE_DIR), "gin"), os.path.join(_PACKAGE_DIR, "gin"))
                 if os.path.isdir(d)), os.path.join(_PACKAGE_DIR, "gin"))
@@ -320,7 +320,7 @@ def run(
     data_iter = iter(train_ds)
 
     # Abstract shapes -> shardings -> state built (or restored) directly sharded.
-    graphdef, abstract_params = sharding.abstract_model(cfg, rules)
+    graphdef, abstract_params = abstract_model(cfg, rules)
     non_params = [p for p, v in nnx.to_flat_state(abstract_params) if not isinstance(v, nnx.Param)]
     if non_params:
         raise TypeError(f"model state has non-parameter variables {non_params}; the trainer expects params only")
@@ -335,7 +335,7 @@ def run(
     start = checkpointer.latest_step()
     with jax.set_mesh(mesh):
         if start is None:
-            _, params = sharding.create_sharded_model(cfg, mesh, rules, seed=seed)
+            _, params = create_sharded_model(cfg, mesh, rules, seed=seed)
             opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
             train_state = jax.device_put(
                 {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}, train_sh)

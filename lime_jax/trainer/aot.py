@@ -81,9 +81,9 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     from flax import nnx
     from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-    from lime_jax import optim
-    from lime_jax import train as train_lib
-    from lime_jax.model import ModelConfig, sharding
+    from lime_jax.trainer import optim
+    from lime_jax.trainer import train as train_lib
+    from lime_jax.model import ModelConfig, abstract_model, sharding
 
     cfg = ModelConfig()
     opt_cfg = optim.OptimizerConfig()
@@ -105,7 +105,7 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     else:
         mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
-    graphdef, abstract_params = sharding.abstract_model(cfg, rules)
+    graphdef, abstract_params = abstract_model(cfg, rules)
     tx, schedule = optim.make_optimizer(opt_cfg, train_steps)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     param_sh = sharding.state_shardings(abstract_params, mesh, rules)
@@ -210,7 +210,7 @@ def run_in_subprocess(argv: Sequence[str], devices: int, timeout_s: float | None
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
-    proc = subprocess.run([sys.executable, "-m", "lime_jax.aot", *argv, "--json"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "lime_jax.trainer.aot", *argv, "--json"], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT_PREFIX):
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    from lime_jax import train as train_lib
+    from lime_jax.trainer import train as train_lib
 
     try:
         _, flag_bindings = train_lib.parse_flags(["--gin_file", "unused", *rest])

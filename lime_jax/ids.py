@@ -1,0 +1,12 @@
+"""Reserved integer ids, defined once for annotation, data, model and inference.
+
+Every integer feature reserves 0 for padding (SeqIO packing treats 0 as padding in every
+feature). Token ids follow T5: 1 = EOS, 2 = UNK. Tag vocabularies reserve 1 = NONE for pieces
+without a word (BOS, EOS, whitespace-only pieces, outside a segment); labels start at 2.
+"""
+PAD_ID = 0  # in a tag feature also "no metadata": row 0 of every table adds nothing
+NONE_ID = 1
+NUM_RESERVED_TAGS = 2
+EOS_ID = 1
+UNK_ID = 2
+BOS_INPUT_ID = 0  # T5X/SeqIO: the decoder input at a segment's first position

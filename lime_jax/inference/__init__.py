@@ -1,0 +1,1 @@
+"""Inference: loading a model dir, decoding and generation with metadata guidance."""
