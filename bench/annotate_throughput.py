@@ -17,17 +17,16 @@ import sys
 import tempfile
 import time
 
-from lime_jax.annotation import local_runner as annotate
+from lime_jax.annotation import local_runner  # isort: skip  (first: one BLAS thread per process)
 from lime_jax import corpus
 from lime_jax.annotation import spm
 from lime_jax.annotation.annotator import SpacyAnnotator
+from lime_jax.annotation.worker import ProcessorSpec
 
 
 def annotate_wps(path: str, spm_model: str, out: str, workers: int) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)  # a finished cache would make the run a no-op
-    args = annotate.build_parser().parse_args(
-        ["--input", path, "--spm", spm_model, "--out", out, "--workers", str(workers)])
-    manifest = annotate.annotate_corpus(args)
+    manifest = local_runner.annotate_corpus([path], out, ProcessorSpec(spm_model), workers=workers)
     return manifest["throughput"]["words_per_second"], manifest["counts"]["words"]
 
 

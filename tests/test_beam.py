@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("apache_beam")
 
-from lime_jax.annotation import local_runner as annotate  # noqa: E402
+from lime_jax.cli import annotate  # noqa: E402
 from lime_jax.data import cache as cache_lib  # noqa: E402
 
 TEXTS_A = [

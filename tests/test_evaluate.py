@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from lime_jax.cli import eval as eval_cli
 from lime_jax.evaluation import evaluate
 from lime_jax.inference import model_dir
 from lime_jax.data import cache as cache_lib
@@ -141,7 +142,7 @@ def test_heldout_metrics_of_a_known_model(handset_dir):
 
 
 def test_eval_cli_writes_json(handset_dir, capsys):
-    assert evaluate.main(["--model_dir", handset_dir, "--task", "heldout"]) == 0
+    assert eval_cli.main(["--model_dir", handset_dir, "--task", "heldout"]) == 0
     with open(f"{handset_dir}/{evaluate.RESULTS_NAME}") as f:
         res = json.load(f)
     assert res["heldout"]["accuracy"] == pytest.approx(10 / 14)
@@ -167,6 +168,59 @@ def test_cloze_items_pick_sentence_final_nouns():
     assert items == [(0, 42, 44, 1), (0, 39, 40, 2)]  # windows [42, 45) and [39, 42)
 
 
+CLOZE_POS = TagVocab("pos", ("NN", ".", "DT", "NNS"))  # ids 2..5; only NN steers the model
+NN, PERIOD, DT, NNS = (CLOZE_POS.id(t) for t in ("NN", ".", "DT", "NNS"))
+
+
+def _cloze_doc(tokens, pos, subword_index):
+    """[targets, pos, ner, subword_index] with EOS (tags NONE, no word) appended."""
+    rows = [list(tokens) + [1], list(pos) + [1], [2] * len(tokens) + [1], list(subword_index) + [1]]
+    return np.array(rows, np.int32)
+
+
+# One cloze item per document (a noun ending a sentence), then one with none. The LIME+1 model
+# predicts t + 1 from token t, or 15 from the tag NN (its next token's tag, when guided):
+CLOZE_DOCS = [
+    _cloze_doc([2, 3, 4, 9, 15, 6], [DT, DT, DT, DT, NN, PERIOD], [2] * 6),  # guided hit; unguided 9 -> 10
+    _cloze_doc([2, 3, 14, 15, 7], [DT, DT, DT, NN, PERIOD], [2] * 5),  # hit either way: 14 -> 15
+    # a two-piece noun: unguided gets its first piece (14 -> 15), not its second (15 -> nothing)
+    _cloze_doc([2, 3, 14, 15, 15, 7], [DT, DT, DT, NN, NN, PERIOD], [2, 2, 2, 2, 3, 2]),
+    _cloze_doc([2, 3, 9, 10, 11, 7], [DT, DT, DT, NNS, NNS, PERIOD], [2, 2, 2, 2, 3, 2]),  # hit: 9 10 11
+    _cloze_doc([2, 3, 5, 12, 7], [DT, DT, DT, NNS, PERIOD], [2] * 5),  # miss: 5 -> 6
+    # no item: a noun before --cloze-context, a noun not ending a sentence, a '.' after a non-noun
+    _cloze_doc([15, 3, 4, 5, 15, 6, 7, 8], [NN, PERIOD, DT, DT, NN, DT, DT, PERIOD], [2] * 8),
+]
+
+
+@pytest.fixture(scope="module")
+def cloze_dir(tmp_path_factory):
+    from flax import nnx
+
+    root = tmp_path_factory.mktemp("cloze")
+    cache_dir = str(root / "heldout")
+    cache_lib.write_cache(cache_dir, CLOZE_DOCS, {"targets": V, "targets_pos": 6, "targets_ner": 3, "subword_index": 66},
+                          features=("targets", "targets_pos", "targets_ner", "subword_index"),
+                          extra={"spm_model": "spm.model", "vocab_files": {"targets_pos": "vocab_pos.json"}})
+    CLOZE_POS.save(f"{cache_dir}/vocab_pos.json")
+    cfg = tiny_cfg()
+    model = handset_params(cfg, SUCCESSOR, tag_next={NN: 15})
+    out = str(root / "lime_plus1")
+    model_dir.save_model_dir(out, cfg, nnx.state(model, nnx.Param), step=1, seq_len=8, shift=1,
+                             cache_dir=cache_dir, eval_cache_dir=cache_dir)
+    return out
+
+
+def test_lambada_scores_known_cloze_items(cloze_dir):
+    loaded = model_dir.load(cloze_dir)
+    res = evaluate.evaluate(loaded, ["lambada"], cloze_context=2, batch_rows=4)["lambada"]
+    assert res["items"] == 5
+    # Guided (the word's own tags): all but 5 -> 12. Unguided (PAD): 14 -> 15 and 9 10 11 only.
+    assert res["modes"]["guided"] == {"accuracy": 4 / 5, "n": 5, "by_bucket": {
+        "1": {"accuracy": 2 / 3, "n": 3}, "2": {"accuracy": 1.0, "n": 2}}}
+    assert res["modes"]["unguided"] == {"accuracy": 2 / 5, "n": 5, "by_bucket": {
+        "1": {"accuracy": 1 / 3, "n": 3}, "2": {"accuracy": 1 / 2, "n": 2}}}
+
+
 def test_bucket_accuracy():
     res = evaluate.bucket_accuracy([True, False, True, True], [1, 1, 2, 3])
     assert res["accuracy"] == 0.75 and res["n"] == 4
@@ -178,7 +232,7 @@ def test_model_dir_without_checkpoint_is_a_clear_error(handset_dir, tmp_path, ca
     import shutil
 
     shutil.copy(f"{handset_dir}/config.gin", tmp_path / "config.gin")
-    assert evaluate.main(["--model_dir", str(tmp_path)]) == 2
+    assert eval_cli.main(["--model_dir", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     with pytest.raises(model_dir.ModelDirError, match="does not exist"):
         model_dir.load(str(tmp_path / "missing"))

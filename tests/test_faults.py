@@ -22,6 +22,7 @@ import pytest
 from lime_jax.trainer import batch_log
 from lime_jax.trainer import checkpoint as ckpt_lib
 from lime_jax.trainer import metrics as metrics_lib
+from lime_jax.cli import train as cli_train
 from lime_jax.trainer import train as train_lib
 from lime_jax.data import cache
 
@@ -70,8 +71,8 @@ def cache_dir(tmp_path_factory):
 def _bindings(model_dir, cache_dir, **extra):
     b = {"MODEL_DIR": repr(str(model_dir)), "TRAIN_STEPS": STEPS, "CACHE_DIR": repr(cache_dir),
          "SEQ_LEN": 32, "BATCH_SIZE": 8, "CHECKPOINT_EVERY": CKPT_EVERY, "EVAL_EVERY": 1000,
-         "OptimizerConfig.warmup_steps": 5, "run.log_every": 1, "run.progress": False,
-         "run.read_threads": 1, "run.keep_checkpoints": 3, "ModelConfig.vocab_size": VOCAB}
+         "OptimizerConfig.warmup_steps": 5, "TrainConfig.log_every": 1, "TrainConfig.progress": False,
+         "DataConfig.read_threads": 1, "CheckpointConfig.keep": 3, "ModelConfig.vocab_size": VOCAB}
     b.update(extra)
     return [f"{k} = {v}" for k, v in b.items()]
 
@@ -249,9 +250,8 @@ def short_run(cache_dir, tmp_path_factory):
 
 def _restore_newest(model_dir, cache_dir):
     """Checkpointer-level resume, as the trainer does it, without compiling a step."""
-    import jax
-
     from lime_jax.trainer import optim
+    from lime_jax.trainer.state import abstract_train_state
     from lime_jax.data import loader
     from lime_jax.model import ModelConfig, abstract_model
 
@@ -259,12 +259,10 @@ def _restore_newest(model_dir, cache_dir):
                       dtype="float32", metadata=(("pos", 52), ("ner", 39)))
     _, abstract = abstract_model(cfg)
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(), 6)
-    abstract_train = {"step": jax.ShapeDtypeStruct((), np.int32),
-                      "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
     data_iter = iter(loader.build_dataset(cache_dir, seq_len=32, batch_size=8, shard_index=0, shard_count=1))
     ckpt = ckpt_lib.Checkpointer(model_dir)
     try:
-        return ckpt.restore_newest_intact(abstract, jax.eval_shape(tx.init, abstract), abstract_train, data_iter)
+        return ckpt.restore_newest_intact(abstract_train_state(abstract, tx), data_iter)
     finally:
         ckpt.close()
 
@@ -275,8 +273,8 @@ def test_damaged_newest_checkpoint_falls_back_with_warning(short_run, cache_dir,
     shutil.copytree(short_run, model_dir)
     DAMAGE[damage](os.path.join(model_dir, "checkpoints", "6"))
     with caplog.at_level(logging.WARNING, logger="lime_jax.trainer.checkpoint"):
-        step, (_, _, train) = _restore_newest(model_dir, cache_dir)
-    assert step == 3 and int(train["step"]) == 3
+        step, state = _restore_newest(model_dir, cache_dir)
+    assert step == 3 and int(state.step) == 3
     damaged = os.path.join(model_dir, "checkpoints", "6")
     assert any(damaged in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     # Moved aside, not deleted, so the run can save step 6 again.
@@ -301,8 +299,8 @@ def test_no_intact_checkpoint_is_a_clear_error(short_run, cache_dir, tmp_path, c
         _restore_newest(model_dir, cache_dir)
     # The CLI says so and exits 1 before any step; restore_params (eval, generate) refuses too.
     capfd.readouterr()
-    assert train_lib.main(_argv(_bindings(model_dir, cache_dir, TRAIN_STEPS=6))) == 1
-    assert "ERROR lime_jax.trainer.train: no intact checkpoint" in capfd.readouterr().err
+    assert cli_train.main(_argv(_bindings(model_dir, cache_dir, TRAIN_STEPS=6))) == 1
+    assert "ERROR lime_jax.cli.train: no intact checkpoint" in capfd.readouterr().err
     with pytest.raises(ckpt_lib.NoIntactCheckpointError):
         _final_params(model_dir)
 
@@ -347,9 +345,9 @@ def test_corrupt_cache_fails_before_step_1_naming_the_file(cache_dir, tmp_path, 
     CACHE_DAMAGE[damage](bad_cache)
     model_dir = tmp_path / "m"
     capfd.readouterr()
-    assert train_lib.main(_argv(_bindings(model_dir, bad_cache))) == 1
+    assert cli_train.main(_argv(_bindings(model_dir, bad_cache))) == 1
     err = capfd.readouterr().err
-    assert f"ERROR lime_jax.trainer.train: {os.path.join(bad_cache, 'shard-00001.array_record')}: sha256" in err
+    assert f"ERROR lime_jax.cli.train: {os.path.join(bad_cache, 'shard-00001.array_record')}: sha256" in err
     assert not os.path.exists(model_dir / "checkpoints") and not os.path.exists(model_dir / "metrics.jsonl")
 
 
@@ -381,9 +379,9 @@ def test_full_disk_during_save_stops_clearly_and_keeps_the_last_checkpoint(cache
     with open(small_disk / "filler", "wb") as f:
         f.write(b"\0" * max(free - 64 * 1024, 0))
     capfd.readouterr()
-    assert train_lib.main(_argv(bindings)) == 1
+    assert cli_train.main(_argv(bindings)) == 1
     err = capfd.readouterr().err
-    assert "ERROR lime_jax.trainer.train: saving checkpoint step 6" in err and "No space left on device" in err
+    assert "ERROR lime_jax.cli.train: saving checkpoint step 6" in err and "No space left on device" in err
     ckpt = ckpt_lib.Checkpointer(model_dir, read_only=True)
     assert ckpt.all_steps() == [3]
     assert ckpt_lib.check_step_dir(ckpt.step_dir(3)) is None

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from lime_jax.cli import generate as generate_cli
 from lime_jax.inference import generate
 from lime_jax.inference import model_dir
 from lime_jax.data import cache as cache_lib
@@ -185,7 +186,7 @@ def handset_dirs(tmp_path_factory):
     ("lime_plus1", ["--guide", "CD XX"], "unknown pos tag 'XX'; vocabulary 'pos' holds CD, ., NN, DT"),
 ])
 def test_generate_cli_rejects_bad_guides(handset_dirs, capsys, arm, args, message):
-    assert generate.main(["--model_dir", handset_dirs[arm], "--prompt", "x", *args]) == 2
+    assert generate_cli.main(["--model_dir", handset_dirs[arm], "--prompt", "x", *args]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -193,7 +194,7 @@ def test_generate_cli_without_checkpoint(handset_dirs, tmp_path, capsys):
     import shutil
 
     shutil.copy(f"{handset_dirs['lime']}/config.gin", tmp_path / "config.gin")
-    assert generate.main(["--model_dir", str(tmp_path), "--prompt", "x"]) == 2
+    assert generate_cli.main(["--model_dir", str(tmp_path), "--prompt", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -242,9 +243,9 @@ def test_generate_text_with_oracle_guidance_and_reannotation(real_dirs, capsys):
     assert "CD" in expected
     lime = model_dir.load(real_dirs["lime"])
     res = generate.generate(lime, "The President", max_new=3, temperature=0.8, top_k=5, seed=3)
-    assert res["tags_source"] == "re-annotation of the decoded prefix"
+    assert res["tags_source"] == "re-annotation of the decoded prefix (prefix)"
     assert len(res["tags"]) == len(res["ids"]) and all(set(t) == {"pos", "ner"} for t in res["tags"])
-    assert generate.main(["--model_dir", real_dirs["lime"], "--prompt", "The President", "--max-new", "2"]) == 0
+    assert generate_cli.main(["--model_dir", real_dirs["lime"], "--prompt", "The President", "--max-new", "2"]) == 0
     assert "tags source: re-annotation" in capsys.readouterr().out
 
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lime_jax.annotation import local_runner as annotate
 from lime_jax.annotation.align import MAX_SUBWORD_INDEX
 from lime_jax.annotation.pipeline import DocumentProcessor, check_invariants
+from lime_jax.cli import annotate
 from lime_jax.ids import EOS_ID, NONE_ID
 
 COMBINING = st.characters(whitelist_categories=("Mn", "Me", "Mc"))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lime_jax.data import cache, loader
+from lime_jax.data import cache, loader, packing
 
 SIZES = {"targets": 1_000_000, "targets_pos": 52, "targets_ner": 39}
 NONE = 1
@@ -61,6 +61,16 @@ def expected_inputs(tags, shift):
     """Contract: position i sees tags of target i - 1 + shift, NONE outside the segment."""
     n = len(tags)
     return np.array([tags[i - 1 + shift] if 0 <= i - 1 + shift < n else NONE for i in range(n)])
+
+
+@pytest.mark.parametrize("shift", [-1, 0, 1, 2])
+def test_input_tags_follow_the_contract(shift):
+    rng = np.random.default_rng(shift + 1)
+    for n in range(1, 7):
+        tags_KxN = rng.integers(2, 50, (2, n))
+        got = packing.input_tags(tags_KxN, shift)
+        for k in range(2):
+            np.testing.assert_array_equal(got[k], expected_inputs(tags_KxN[k], shift))
 
 
 def test_batch_keys_shapes(corpus):

@@ -11,6 +11,7 @@ from lime_jax.annotation import align, vocab
 from lime_jax.annotation.annotator import split_long_text
 from lime_jax.annotation.pipeline import DocumentProcessor, check_invariants
 from lime_jax.annotation.spm import Tokenizer
+from lime_jax.data import packing
 from lime_jax.ids import EOS_ID, NONE_ID, PAD_ID
 
 # --- vocabularies -----------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def test_piece_of_space_before_rewritten_char_takes_next_word():
 
 @pytest.mark.parametrize("shift,expected", [(0, [5, 6, 7, 1]), (1, [6, 7, 1, 1]), (-1, [1, 5, 6, 7])])
 def test_shift(shift, expected):
-    np.testing.assert_array_equal(align.shift_tags(_tags(5, 6, 7, 1), shift), expected)
+    np.testing.assert_array_equal(packing.shift_tags(_tags(5, 6, 7, 1), shift), expected)
 
 
 def test_split_long_text_cuts_at_whitespace():
@@ -194,10 +195,11 @@ def test_tokenizer_rejects_foreign_model(tmp_path):
 
 
 def test_show_json(spm_model, capsys):
-    from lime_jax.annotation import show
+    from lime_jax.cli import show
 
     assert show.main(["--spm", spm_model, "--json", "--plus-one", "Hi", "Bob."]) == 0
     rows = json.loads(capsys.readouterr().out)
+    assert rows.pop("tag_source") == "oracle" and "note" not in rows
     assert len({len(v) for v in rows.values()}) == 1
     # LIME+1: "Hi" carries the tags of the piece after it; the last position NONE.
     assert rows["pos"][-1] == rows["ner"][-1] == "<none>"

@@ -14,9 +14,12 @@ import jax
 import numpy as np
 import pytest
 
+from lime_jax.cli import train as cli_train
 from lime_jax.trainer import checkpoint as ckpt_lib
 from lime_jax.trainer import distributed
+from lime_jax.trainer import gin_config
 from lime_jax.trainer import metrics as metrics_lib
+from lime_jax.trainer import state as state_lib
 from lime_jax.trainer import train as train_lib
 from lime_jax.data import cache
 from lime_jax.model import ModelConfig, abstract_model, sharding
@@ -43,10 +46,10 @@ def _write_cache(out_dir, n_docs, seed, lengths=((8, 50),)):
 def _bindings(model_dir, cache_dir, eval_dir=None):
     return [
         f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {STEPS}", f"CACHE_DIR = '{cache_dir}'",
-        f"EVAL_CACHE_DIR = {eval_dir!r}", f"EVAL_EVERY = {STEPS}", "run.eval_batches = None",
+        f"EVAL_CACHE_DIR = {eval_dir!r}", f"EVAL_EVERY = {STEPS}", "EvalConfig.batches = None",
         "SEQ_LEN = 32", "BATCH_SIZE = 8", "CHECKPOINT_EVERY = 3",
         f"ModelConfig.vocab_size = {VOCAB}", "OptimizerConfig.warmup_steps = 2",
-        "run.log_every = 1", "run.progress = False", "run.read_threads = 1",
+        "TrainConfig.log_every = 1", "TrainConfig.progress = False", "DataConfig.read_threads = 1",
         "process_dataset.data_shards = 2",
     ]
 
@@ -68,7 +71,7 @@ def runs(tmp_path_factory):
     eval_docs = _write_cache(eval_dir, 16, seed=1, lengths=((150, 200), (8, 12)))
     two_dir, one_dir = str(root / "two"), str(root / "one")
 
-    argv = [sys.executable, "-m", "lime_jax.trainer.train"]
+    argv = [sys.executable, "-m", "lime_jax.cli.train"]
     for f in GIN_FILES:
         argv += ["--gin_file", f]
     for b in _bindings(two_dir, cache_dir, eval_dir):
@@ -101,8 +104,8 @@ def test_two_processes_match_one_process(runs):
         assert [r["step"] for r in evals] == [STEPS] and evals[0]["eval/num_tokens"] == eval_tokens
     # Only process 0 logs INFO lines (the model summary).
     chief, other = (open(os.path.join(log_dir, f"process_{i}.log")).read() for i in range(2))
-    assert "params" in chief and "lime_jax.trainer.train: model" in chief
-    assert "lime_jax.trainer.train: model" not in other
+    assert "params" in chief and "lime_jax.trainer.loop: model" in chief
+    assert "lime_jax.trainer.loop: model" not in other
 
 
 @pytest.mark.slow
@@ -113,12 +116,12 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
-    train_lib.parse_gin(GIN_FILES, _bindings(two_dir, "unused"))
+    gin_config.parse_gin(GIN_FILES, _bindings(two_dir, "unused"))
     cfg = ModelConfig()
     rules = sharding.sharding_rules()
     mesh = sharding.make_mesh((1, 8, 1))  # another layout than training used: resharded on read
     _, abstract = abstract_model(cfg, rules)
-    target = ckpt_lib.with_shardings(abstract, sharding.state_shardings(abstract, mesh, rules))
+    target = state_lib.with_shardings(abstract, sharding.state_shardings(abstract, mesh, rules))
     two_params, step = ckpt_lib.restore_params(two_dir, target)
     one_params, _ = ckpt_lib.restore_params(one_dir, target)
     assert step == STEPS
@@ -153,7 +156,7 @@ def test_resolve_settings():
 
 
 def test_train_flags_become_bindings():
-    _, bindings = train_lib.parse_flags(["--gin_file", "runs/lime.gin", "--coordinator_address",
+    _, bindings = cli_train.parse_flags(["--gin_file", "runs/lime.gin", "--coordinator_address",
                                          "10.0.0.1:8476", "--num_processes", "4", "--process_id", "3"])
     assert bindings == ["distributed_setup.coordinator_address = '10.0.0.1:8476'",
                         "distributed_setup.num_processes = 4", "distributed_setup.process_id = 3"]

@@ -4,12 +4,14 @@ import os
 
 import pytest
 
+from lime_jax.cli import report as report_cli
 from lime_jax.evaluation import report
 
 SEQ_LEN, BATCH = 8, 4  # 32 tokens per step
 
 
-def _fake_run(root, name, metadata, shift, seed, accs, results=None, dropout=None):
+def _fake_run(root, name, metadata, shift, seed, accs, results=None, dropout=None, extra_evals=None):
+    """A run dir; `extra_evals` {name: (tag source, accuracies)}: extra held-out sets."""
     path = os.path.join(root, name)
     os.makedirs(path)
     with open(os.path.join(path, "config.gin"), "w") as f:
@@ -22,6 +24,13 @@ def _fake_run(root, name, metadata, shift, seed, accs, results=None, dropout=Non
             step = 10 * (i + 1)
             f.write(json.dumps({"step": step, "train/loss": 9.0}) + "\n")
             f.write(json.dumps({"step": step, "eval/loss": 5.0 - acc, "eval/accuracy": acc}) + "\n")
+            for set_name, (_, set_accs) in (extra_evals or {}).items():
+                f.write(json.dumps({"step": step, f"eval_{set_name}/loss": 5.0 - set_accs[i],
+                                    f"eval_{set_name}/accuracy": set_accs[i]}) + "\n")
+    if extra_evals:
+        with open(os.path.join(path, "tag_sources.json"), "w") as f:
+            json.dump({"train": "oracle", "eval": "oracle",
+                       **{f"eval_{n}": src for n, (src, _) in extra_evals.items()}}, f)
     if results:
         with open(os.path.join(path, "eval_results.json"), "w") as f:
             json.dump(results, f)
@@ -43,7 +52,8 @@ def runs(tmp_path):
         _fake_run(root, "base", (), 0, 0, [0.1, 0.2, 0.3, 0.4],
                   _results([0.3, 0.2, 0.2, 0.1, 0.1], {"none": 0.1})),
         _fake_run(root, "lime", META, 0, 0, [0.15, 0.3, 0.45, 0.5],
-                  _results([0.35, 0.4, 0.3, 0.3, 0.2], {"reannotated": 0.2})),
+                  _results([0.35, 0.4, 0.3, 0.3, 0.2], {"reannotated": 0.2}),
+                  extra_evals={"prefix": ("prefix", [0.1, 0.2, 0.35, 0.45])}),
         _fake_run(root, "control", META, -1, 0, [0.05, 0.1, 0.2, 0.3]),
         _fake_run(root, "plus1", META, 1, 0, [0.5, 0.6, 0.7, 0.8],
                   _results([0.6, 0.6, 0.5, 0.5, 0.4], {"unguided": 0.1, "guided": 0.6})),
@@ -61,7 +71,7 @@ def test_tokens_to_reach_interpolates():
 
 def test_report_writes_plots_and_the_data_efficiency_fraction(runs, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert report.main([*runs, "--out", out]) == 0
+    assert report_cli.main([*runs, "--out", out]) == 0
     for name in ("val_accuracy.png", "val_loss.png", "cohesion.png", "addition.png"):
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -72,18 +82,32 @@ def test_report_writes_plots_and_the_data_efficiency_fraction(runs, tmp_path, ca
     assert eff["lime"]["fraction"] == pytest.approx((20 + 10 * 0.1 / 0.15) / 40)
     assert eff["lime"]["exact"] and eff["lime"]["target_accuracy"] == 0.4
     assert eff["control"]["fraction"] is None
-    assert eff["plus1"]["fraction"] == pytest.approx(0.25) and not eff["plus1"]["exact"]
     arms = summary["arms"]
-    assert set(arms) == {"baseline", "lime", "control(-1)", "lime+1", "lime+1 dropout=0.15"}
-    assert arms["lime+1"]["addition"] == {"unguided": 0.1, "guided": 0.6}  # not averaged with...
-    assert arms["lime+1 dropout=0.15"]["addition"] == {"unguided": 0.5, "guided": 0.6}  # ...another recipe
-    assert arms["lime"]["cohesion_by_place"]["2"] == 0.4
+    assert set(arms) == {"baseline", "lime (oracle)", "lime (oracle, eval prefix)", "prev-piece (oracle)",
+                         "lime+1 (oracle)", "lime+1 (oracle) dropout=0.15"}
+    # The honest figure: the oracle-trained LIME run evaluated with prefix tags reaches the baseline's
+    # 0.4 between step 30 (0.35) and 40 (0.45), at 35 of 40 steps, and keeps half the oracle gain.
+    honest = arms["lime (oracle, eval prefix)"]
+    assert honest["honest"] and not arms["lime (oracle)"]["honest"] and not arms["lime+1 (oracle)"]["honest"]
+    assert eff["lime@prefix"]["fraction"] == pytest.approx(35 / 40) and eff["lime@prefix"]["exact"]
+    assert honest["tokens_to_baseline_acc"] == pytest.approx(35 / 40)
+    assert honest["gain_share"] == pytest.approx((0.45 - 0.4) / (0.5 - 0.4))
+    assert arms["lime (oracle)"]["gain_share"] == pytest.approx(1.0)
+    assert arms["lime+1 (oracle)"]["addition"] == {"unguided": 0.1, "guided": 0.6}  # not averaged with...
+    assert arms["lime+1 (oracle) dropout=0.15"]["addition"] == {"unguided": 0.5, "guided": 0.6}  # ...another recipe
+    assert arms["lime (oracle)"]["cohesion_by_place"]["2"] == 0.4
     assert arms["baseline"]["final_tokens"] == 40 * SEQ_LEN * BATCH
     md = open(os.path.join(out, "report.md")).read()
     assert "| lime | base | 0.4000 | 853 | 0.6667 |" in md
     assert "| control | base | 0.4000 | - | not reached |" in md
-    assert "<= 0.2500" in md and "| lime+1 | guided | 0.6000 |" in md
-    assert "lime: final_acc=0.5000 tokens_to_baseline_acc=0.6667" in capsys.readouterr().out
+    assert "| lime (oracle, eval prefix) | honest | 0.8750 | 1/1 | 0.4500 | 0.500 |" in md
+    # LIME+1 sees the tags of the piece it predicts: its figure is labelled as such, never honest.
+    assert "| lime+1 (oracle) | oracle (its own targets' tags) | <= 0.2500 |" not in md
+    assert "| lime+1 (oracle) | oracle (its own targets' tags) | 0.2500 |" in md
+    assert "| lime+1 (oracle) | guided | 0.6000 |" in md
+    out_lines = capsys.readouterr().out
+    assert "lime (oracle) [oracle]: final_acc=0.5000 tokens_to_baseline_acc=0.6667 gain_share=1.000" in out_lines
+    assert "lime (oracle, eval prefix) [honest]: final_acc=0.4500 tokens_to_baseline_acc=0.8750" in out_lines
 
 
 def test_seeds_pair_with_their_own_baseline(tmp_path):
@@ -95,14 +119,14 @@ def test_seeds_pair_with_their_own_baseline(tmp_path):
     assert summary["data_efficiency"]["l1"]["baseline"] == "b1"
     assert summary["data_efficiency"]["l0"]["fraction"] == pytest.approx(0.5)  # reaches 0.2 at step 10 (upper bound)
     assert summary["data_efficiency"]["l1"]["fraction"] == pytest.approx(1.0)
-    assert summary["arms"]["lime"]["tokens_to_baseline_acc"] == pytest.approx(0.75)
+    assert summary["arms"]["lime (oracle)"]["tokens_to_baseline_acc"] == pytest.approx(0.75)
     assert not os.path.exists(tmp_path / "out" / "cohesion.png")  # no eval_results: no plot
     assert "No `eval_results.json`" in open(tmp_path / "out" / "report.md").read()
 
 
 def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
     path = _fake_run(str(tmp_path), "noeval", (), 0, 0, [])
-    assert report.main([path, "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main([path, "--out", str(tmp_path / "o")]) == 2
     assert "no eval/accuracy records" in capsys.readouterr().err
-    assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""Logical-axis sharding: rules, meshes, sharded creation, and sharded == single-device numerics."""
+"""Logical-axis sharding: rules, meshes, sharded creation, and sharded == single-device numerics
+(of the loss helper and of the trainer's own jitted step, with gradient accumulation)."""
+import dataclasses
+
 import gin
 import jax
 import numpy as np
@@ -11,6 +14,8 @@ from lime_jax.model import (DEFAULT_RULES, Decoder, ModelConfig, batch_sharding,
                             jit_loss_fn, logical_to_pspec, make_mesh, sharding_rules, state_shardings,
                             synthetic_batch)
 from lime_jax.model import abstract_model
+from lime_jax.trainer import state as state_lib
+from lime_jax.trainer import step as step_lib
 
 # One layer keeps the many compiles here cheap; test_model.py covers depth.
 TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128,
@@ -124,3 +129,47 @@ def test_sharded_loss_and_grads_equal_single_device(single, arm, shape):
     assert grads["embed"]["token"][...].sharding.spec == shardings["embed"]["token"].get_value().spec
     jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-4, atol=2e-6),
                  grads, ref_grads)
+
+
+# ----------------------------------------------------------------------------- the trainer's step
+
+STEP_CFG = dataclasses.replace(TINY, z_loss=1e-4)  # the z-loss term takes part in the comparison
+
+
+def _trainer_step(shape, accum):
+    """One update of the trainer's own jitted step (`step.jit_train_step`, donated state) on `shape`."""
+    mesh, rules = make_mesh(shape), sharding_rules()
+    graphdef, abstract_params = abstract_model(STEP_CFG, rules)
+    # Momentum SGD at lr 1: the first update is exactly -grads (Adam's ~lr * sign(grads) would
+    # hide a wrongly weighted gradient), and its trace is optimizer state sharded like the params.
+    schedule = optax.constant_schedule(1.0)
+    tx = optax.sgd(schedule, momentum=0.9)
+    shardings = state_lib.train_state_shardings(state_lib.abstract_train_state(abstract_params, tx), mesh, rules)
+    data_sh = batch_sharding(mesh, rules)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, accum), shardings, data_sh)
+    batch = jax.device_put(synthetic_batch(STEP_CFG, batch_size=8, length=16, seed=2), data_sh)
+    with jax.set_mesh(mesh):
+        state = state_lib.init_train_state(STEP_CFG, tx, mesh, rules, shardings, seed=0)
+        initial = jax.device_get(state.params)
+        new_state, metrics = fn(state, batch)
+    assert new_state.params["embed"]["token"][...].sharding == shardings.params["embed"]["token"].get_value()
+    assert int(new_state.step) == 1
+    return initial, jax.device_get(new_state.params), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def single_device_update():
+    return _trainer_step((1, 1, 1), accum=1)
+
+
+@pytest.mark.parametrize("shape,accum", [((1, 1, 1), 2), ((2, 2, 2), 2), ((1, 2, 4), 1)])
+def test_trainer_step_sharded_or_accumulated_equals_single_device(single_device_update, shape, accum):
+    ref_init, ref_params, ref_m = single_device_update
+    init, params, m = _trainer_step(shape, accum)
+    jax.tree.map(np.testing.assert_array_equal, init, ref_init)  # same start on every mesh
+    for k in ("loss", "z_loss", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(m[k], ref_m[k], rtol=2e-5, err_msg=k)
+    assert m["z_loss"] > 0 and m["num_tokens"] == ref_m["num_tokens"]
+    # The updates (-grads), not the much larger weights.
+    jax.tree.map(lambda a, b, a0, b0: np.testing.assert_allclose(a - a0, b - b0, rtol=2e-4, atol=2e-6),
+                 params, ref_params, init, ref_init)

@@ -11,14 +11,21 @@ import subprocess
 import sys
 import time
 
+import gin
 import numpy as np
 import pytest
 
+from lime_jax.cli import train as cli_train
+from lime_jax.data import cache
 from lime_jax.trainer import checkpoint as ckpt_lib
+from lime_jax.trainer import gin_config
 from lime_jax.trainer import metrics as metrics_lib
 from lime_jax.trainer import optim
+from lime_jax.trainer import step as step_lib
 from lime_jax.trainer import train as train_lib
-from lime_jax.data import cache
+from lime_jax.trainer.config import ConfigError
+from lime_jax.trainer.loop import TrainingError
+from lime_jax.trainer.state import TrainState
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "train_tiny_lime.json")
 VOCAB = 64
@@ -63,8 +70,8 @@ def _bindings(model_dir, caches, **extra):
         "ModelConfig.n_layers = 2", "ModelConfig.n_heads = 4", "ModelConfig.n_kv_heads = 2",
         # f32 compute keeps cross-mesh and golden comparisons tight.
         "ModelConfig.dtype = 'float32'",
-        "OptimizerConfig.warmup_steps = 5", "run.log_every = 1", "run.progress = False",
-        "run.read_threads = 1",
+        "OptimizerConfig.warmup_steps = 5", "TrainConfig.log_every = 1", "TrainConfig.progress = False",
+        "DataConfig.read_threads = 1",
     ]
     return b + [f"{k} = {v}" for k, v in extra.items()]
 
@@ -76,8 +83,15 @@ def _train_losses(model_dir):
 
 @pytest.fixture(scope="module")
 def full_run(caches, tmp_path_factory):
+    # A second held-out set: the eval cache's documents labelled as re-tagged by `prefix` (the
+    # same tags, so its metrics must equal the main set's).
+    relabelled = str(tmp_path_factory.mktemp("eval_relabelled"))
+    _write_cache(relabelled, 16, seed=1)
+    manifest = cache.load_manifest(relabelled)
+    cache.write_manifest(relabelled, {**manifest, "tag_source": "prefix"})
     model_dir = str(tmp_path_factory.mktemp("full"))
-    summary = train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches))
+    summary = train_lib.train(["runs/lime.gin"], _bindings(
+        model_dir, caches, **{"DataConfig.extra_eval_cache_dirs": repr({"prefix": relabelled})}))
     return model_dir, summary
 
 
@@ -99,7 +113,12 @@ def test_short_run_learns_and_writes_artifacts(full_run):
                 "train/checkpoint_save_s", "eval/perplexity"):
         assert tag in events, tag
     config = open(os.path.join(model_dir, "config.gin")).read()
-    assert "ModelConfig.metadata = (('pos', 52), ('ner', 39))" in config and "run.train_steps" in config
+    assert "ModelConfig.metadata = (('pos', 52), ('ner', 39))" in config and "TrainConfig.train_steps" in config
+    # Extra held-out sets are evaluated at the same steps, and every set's tag source is recorded.
+    assert [v for _, v in events["eval_prefix/accuracy"]] == [v for _, v in events["eval/accuracy"]]
+    assert summary["extra_evals"]["eval_prefix"]["accuracy"] == summary["eval_accuracy"]
+    with open(os.path.join(model_dir, "tag_sources.json")) as f:
+        assert json.load(f) == {"train": "oracle", "eval": "oracle", "eval_prefix": "prefix"}
 
 
 def test_golden_first_steps(full_run):
@@ -132,7 +151,7 @@ def test_mesh_2x2x2_matches_8x1x1(full_run, caches, tmp_path):
     full_dir, _ = full_run
     model_dir = str(tmp_path / "mesh222")
     train_lib.train(["runs/lime.gin"], _bindings(model_dir, caches, **{
-        "run.mesh_shape": "(2, 2, 2)", "run.keep_checkpoints": 1, "run.keep_best_checkpoint": True}))
+        "TrainConfig.mesh_shape": "(2, 2, 2)", "CheckpointConfig.keep": 1, "CheckpointConfig.keep_best": True}))
     a, b = _train_losses(full_dir), _train_losses(model_dir)
     evals = {r["step"]: r["eval/loss"] for r in metrics_lib.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
              if "eval/loss" in r}
@@ -158,7 +177,7 @@ def test_nan_loss_stops_naming_step_and_keeps_good_checkpoint(caches, tmp_path):
     bindings = _bindings(model_dir, caches, **{
         "CHECKPOINT_EVERY": 1, "OptimizerConfig.learning_rate": 1e39,
         "OptimizerConfig.warmup_steps": 0, "OptimizerConfig.clip_norm": None})
-    with pytest.raises(train_lib.TrainingError, match=r"non-finite .* at step (\d+)") as err:
+    with pytest.raises(TrainingError, match=r"non-finite .* at step (\d+)") as err:
         train_lib.train(["runs/lime.gin"], bindings)
     bad_step = int(str(err.value).split("at step ")[1].split()[0])
     steps = ckpt_lib.Checkpointer(model_dir, read_only=True).all_steps()
@@ -169,21 +188,57 @@ def test_nan_loss_stops_naming_step_and_keeps_good_checkpoint(caches, tmp_path):
 def test_gin_typo_and_missing_macro_name_the_binding(caches, tmp_path):
     good = _bindings(str(tmp_path / "m"), caches)
     with pytest.raises(ValueError, match="bach_size"):
-        train_lib.parse_gin(["runs/lime.gin"], good + ["run.bach_size = 4"])
+        gin_config.parse_gin(["runs/lime.gin"], good + ["DataConfig.bach_size = 4"])
     with pytest.raises(ValueError, match="ModelConfg"):
-        train_lib.parse_gin(["runs/lime.gin"], good + ["ModelConfg.d_model = 4"])
-    with pytest.raises(train_lib.ConfigError, match="MODEL_DIR"):
-        train_lib.parse_gin(["runs/lime.gin"], [b for b in good if not b.startswith("MODEL_DIR")])
-    assert train_lib.main(["--gin_file", "runs/lime.gin", "--gin.TRAIN_STEPS=3"]) == 2
+        gin_config.parse_gin(["runs/lime.gin"], good + ["ModelConfg.d_model = 4"])
+    with pytest.raises(ConfigError, match="MODEL_DIR"):
+        gin_config.parse_gin(["runs/lime.gin"], [b for b in good if not b.startswith("MODEL_DIR")])
+    assert cli_train.main(["--gin_file", "runs/lime.gin", "--gin.TRAIN_STEPS=3"]) == 2
     assert not os.listdir(tmp_path)  # failed before any work
 
 
+def test_binding_a_macro_nothing_reads_fails_naming_the_closest(caches, tmp_path):
+    good = _bindings(str(tmp_path / "m"), caches)
+    with pytest.raises(ConfigError, match=r"'TRAN_STEPS = 3' sets macro TRAN_STEPS, which no config "
+                                          r"references, so it would do nothing; did you mean TRAIN_STEPS\?"):
+        gin_config.parse_gin(["runs/quickstart.gin"], good + [gin_config.binding_from_flag("TRAN_STEPS", "3")])
+    flags = [a for b in good for a in ("--gin_bindings", b)]
+    assert cli_train.main(["--gin_file", "runs/quickstart.gin", *flags, "--gin.TRAN_STEPS=3"]) == 2
+    assert not os.listdir(tmp_path)  # failed before any work
+
+
+@gin.configurable
+def _never_called(every: int = 1):
+    return every
+
+
+def test_binding_a_parameter_the_run_never_uses_fails_before_step_1(caches, tmp_path):
+    model_dir = tmp_path / "m"
+    with pytest.raises(ConfigError, match=r"'_never_called.every = 5' does nothing: this run never calls "
+                                          r"_never_called; did you mean EvalConfig.every"):
+        train_lib.train(["runs/lime.gin"], _bindings(str(model_dir), caches) + ["_never_called.every = 5"])
+    # Called, but with that argument passed by the trainer: as useless.
+    with pytest.raises(ConfigError, match="process_dataset is called with seed passed by the code"):
+        train_lib.train(["runs/lime.gin"], _bindings(str(model_dir), caches) + ["process_dataset.seed = 5"])
+    assert not model_dir.exists()  # nothing written, nothing trained
+    gin_config.check_bindings_used(["DataConfig.read_threads = 1"])  # a used binding passes
+
+
+def test_data_source_is_a_cache_or_a_seqio_task_not_both(caches, tmp_path):
+    good = _bindings(str(tmp_path / "m"), caches)
+    with pytest.raises(ConfigError, match="exactly one training data source.*both are set"):
+        train_lib.train(["runs/lime.gin"], good + ["MIXTURE_OR_TASK_NAME = 'sotu_lime'"])
+    with pytest.raises(ConfigError, match="exactly one training data source.*neither is set"):
+        train_lib.train(["runs/lime.gin"], [b for b in good if not b.startswith("CACHE_DIR")])
+    assert not os.listdir(tmp_path)
+
+
 def test_flag_values_become_gin_literals():
-    files, bindings = train_lib.parse_flags(
+    files, bindings = cli_train.parse_flags(
         ["--gin_file", "runs/lime.gin", "--gin.MODEL_DIR=/tmp/x", "--gin.TRAIN_STEPS=10",
-         "--gin.run.mesh_shape=(2,2,2)", "--gin_bindings", "SEED = 3"])
+         "--gin.TrainConfig.mesh_shape=(2,2,2)", "--gin_bindings", "SEED = 3"])
     assert files == ["runs/lime.gin"]
-    assert bindings == ["SEED = 3", "MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10", "run.mesh_shape = (2,2,2)"]
+    assert bindings == ["SEED = 3", "MODEL_DIR = '/tmp/x'", "TRAIN_STEPS = 10", "TrainConfig.mesh_shape = (2,2,2)"]
 
 
 def test_weight_decay_skips_norms_and_embeddings():
@@ -219,10 +274,12 @@ def test_grad_accumulation_matches_full_batch(full_run, caches):
     out = []
     for accum in (1, 4):
         tx, sched = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0), 10)
-        step = jax.jit(train_lib.make_train_step(graphdef, tx, sched, accum))
-        train = {"step": jax.numpy.zeros((), "int32"), "rng": jax.random.key_data(jax.random.key(0))}
-        new_params, _, _, m = step(params, tx.init(params), train, batch)
-        out.append((jax.device_get(m), jax.device_get(new_params)))
+        step = jax.jit(step_lib.make_train_step(graphdef, tx, sched, accum))
+        state = TrainState(params=params, opt_state=tx.init(params), step=jax.numpy.zeros((), "int32"),
+                           rng=jax.random.key_data(jax.random.key(0)))
+        new_state, m = step(state, batch)
+        assert int(new_state.step) == 1
+        out.append((jax.device_get(m), jax.device_get(new_state.params)))
     (m1, p1), (m4, p4) = out
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-4)
@@ -236,7 +293,7 @@ def test_sigterm_saves_and_exits_zero(caches, tmp_path):
         a for b in _bindings(model_dir, caches, **{"TRAIN_STEPS": 100000, "CHECKPOINT_EVERY": 100000,
                                                    "EVAL_EVERY": 100000})
         for a in ("--gin_bindings", b)]
-    proc = subprocess.Popen([sys.executable, "-m", "lime_jax.trainer.train", *argv], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "lime_jax.cli.train", *argv], stderr=subprocess.PIPE, text=True)
     jsonl = os.path.join(model_dir, "metrics.jsonl")
     deadline = time.time() + 120
     while not (os.path.exists(jsonl) and len(open(jsonl).readlines()) >= 3):
@@ -277,16 +334,16 @@ def test_metadata_dropout_masks_whole_positions_reproducibly():
     batch = {"decoder_input_tokens": rng.integers(2, 50, shape), "decoder_target_tokens": rng.integers(2, 50, shape),
              "decoder_input_pos": rng.integers(1, 52, shape), "decoder_input_ner": rng.integers(1, 39, shape)}
     key = jax.random.key_data(jax.random.key(0))
-    assert train_lib.drop_metadata(batch, key, 3, 0.0) is batch
-    out = {k: np.asarray(v) for k, v in train_lib.drop_metadata(batch, key, 3, 0.25).items()}
+    assert step_lib.drop_metadata(batch, key, 3, 0.0) is batch
+    out = {k: np.asarray(v) for k, v in step_lib.drop_metadata(batch, key, 3, 0.25).items()}
     dropped = out["decoder_input_pos"] == 0
     np.testing.assert_array_equal(dropped, out["decoder_input_ner"] == 0)  # a position loses all its tags
     assert 0.23 < dropped.mean() < 0.27
     np.testing.assert_array_equal(out["decoder_input_pos"][~dropped], batch["decoder_input_pos"][~dropped])
     for k in ("decoder_input_tokens", "decoder_target_tokens"):
         np.testing.assert_array_equal(out[k], batch[k])
-    again = np.asarray(train_lib.drop_metadata(batch, key, 3, 0.25)["decoder_input_pos"])
-    other_step = np.asarray(train_lib.drop_metadata(batch, key, 4, 0.25)["decoder_input_pos"])
+    again = np.asarray(step_lib.drop_metadata(batch, key, 3, 0.25)["decoder_input_pos"])
+    other_step = np.asarray(step_lib.drop_metadata(batch, key, 4, 0.25)["decoder_input_pos"])
     np.testing.assert_array_equal(again, out["decoder_input_pos"])  # resume: same step, same mask
     assert (other_step != again).any()
 
@@ -302,13 +359,14 @@ def test_metadata_dropout_step_trains_on_the_masked_batch(full_run, caches):
     graphdef, abstract = abstract_model(cfg)
     params, _ = ckpt_lib.restore_params(full_run[0], abstract)
     batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
-    train = {"step": jax.numpy.array(7, "int32"), "rng": jax.random.key_data(jax.random.key(0))}
     tx, sched = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0), 10)
-    with_dropout = jax.jit(train_lib.make_train_step(graphdef, tx, sched, 1, metadata_dropout=0.5))
-    plain = jax.jit(train_lib.make_train_step(graphdef, tx, sched, 1))
-    masked = train_lib.drop_metadata(batch, train["rng"], train["step"], 0.5)
-    _, _, _, m_drop = with_dropout(params, tx.init(params), train, batch)
-    _, _, _, m_masked = plain(params, tx.init(params), train, masked)
-    _, _, _, m_plain = plain(params, tx.init(params), train, batch)
+    state = TrainState(params=params, opt_state=tx.init(params), step=jax.numpy.array(7, "int32"),
+                       rng=jax.random.key_data(jax.random.key(0)))
+    with_dropout = jax.jit(step_lib.make_train_step(graphdef, tx, sched, 1, metadata_dropout=0.5))
+    plain = jax.jit(step_lib.make_train_step(graphdef, tx, sched, 1))
+    masked = step_lib.drop_metadata(batch, state.rng, state.step, 0.5)
+    _, m_drop = with_dropout(state, batch)
+    _, m_masked = plain(state, masked)
+    _, m_plain = plain(state, batch)
     assert float(m_drop["loss"]) == pytest.approx(float(m_masked["loss"]), rel=1e-6)
     assert float(m_drop["loss"]) != pytest.approx(float(m_plain["loss"]), rel=1e-4)

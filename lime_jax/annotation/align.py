@@ -1,6 +1,6 @@
-"""Aligning word tags to SentencePiece pieces by character offsets, and the LIME+1 shift.
+"""Aligning word tags to SentencePiece pieces by character offsets.
 
-Rules (DESIGN.md section 1): a word split into k pieces repeats its tags on all k; a piece
+Rules (docs/design.md section 1): a word split into k pieces repeats its tags on all k; a piece
 covering several words takes the tags of the word holding its first non-space character; a
 piece of whitespace only (or a "▁" with no characters) gets NONE.
 """
@@ -108,15 +108,3 @@ def lime_pieces(
     tags = [np.where(content, np.repeat(t, counts), NONE_ID).astype(np.int32) for t in word_tag_ids]
     return ids, tags, word
 
-
-def shift_tags(tags: np.ndarray, shift: int) -> np.ndarray:
-    """Position i gets the tag of position i + shift (NONE where that falls outside)."""
-    if shift == 0:
-        return tags
-    out = np.full_like(tags, NONE_ID)
-    if abs(shift) < len(tags):
-        if shift > 0:
-            out[:-shift] = tags[shift:]
-        else:
-            out[-shift:] = tags[:shift]
-    return out

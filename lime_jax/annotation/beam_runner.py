@@ -1,18 +1,18 @@
-"""`lime-jax annotate --runner beam`: the annotate-tokenize-align stage as an Apache Beam pipeline.
+"""Annotation as an Apache Beam pipeline (`lime-jax annotate --runner beam`).
 
     lime-jax annotate --runner beam --input 'corpus/*.jsonl.gz' --spm spm.model --out CACHE \
         --beam_options="--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
 
 Stages: input files -> read documents (one task per file, in workers) -> group into shards of
-`--docs-per-shard` documents of one file -> `AnnotateShardFn` (spaCy + SentencePiece loaded once
-per worker in `DoFn.setup`, then the same `DocumentProcessor` code as the local path, via
-`lime_jax.annotation.local_runner`) writes each shard with `lime_jax.data.cache.write_shard` into a staging
-directory -> the driver numbers the shards, moves them into the cache and writes the same
-manifest, vocab files and `spm.model` as `--runner local`. The cache holds the same documents
-as a local run of the same inputs (shards are cut per input file, so their order and sizes can
-differ).
+`docs_per_shard` documents of one file -> `AnnotateShardFn` (spaCy + SentencePiece loaded once
+per worker in `DoFn.setup`, then the same `lime_jax.annotation.worker` code as the local
+runner) writes each shard with `lime_jax.data.cache.write_shard` into a staging directory ->
+the driver numbers the shards, moves them into the cache and writes the same manifest, vocab
+files and `spm.model` as the local runner (`lime_jax.annotation.manifest`). The cache holds
+the same documents as a local run of the same inputs (shards are cut per input file, so their
+order and sizes can differ).
 
-Workers write with plain file I/O: `--out` must be a directory every worker can see (local disk
+Workers write with plain file I/O: `out` must be a directory every worker can see (local disk
 for the DirectRunner; an NFS/Filestore or GCS FUSE mount on Dataflow, Flink or Spark workers).
 """
 from __future__ import annotations
@@ -24,16 +24,18 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from lime_jax.annotation import local_runner as local
-from lime_jax.data import cache as cache_lib
 from lime_jax.annotation import inputs as inputs_lib
-from lime_jax.annotation.pipeline import FEATURES, Stats
+from lime_jax.annotation import manifest as manifest_lib
+from lime_jax.annotation import worker
+from lime_jax.annotation.pipeline import Stats
+from lime_jax.annotation.worker import ProcessorSpec
+from lime_jax.data import cache as cache_lib
 
 STAGING_NAME = ".beam-staging"
 RUNNER = "beam"
@@ -52,8 +54,8 @@ def _read_file(element: tuple[int, str], errors: str, docs_per_shard: int,
 class AnnotateShardFn(beam.DoFn):
     """Annotates, tokenizes and aligns one shard's documents and writes its ArrayRecord file."""
 
-    def __init__(self, worker_args: tuple, staging_dir: str, on_error: str):
-        self._worker_args = worker_args
+    def __init__(self, spec: ProcessorSpec, staging_dir: str, on_error: str):
+        self._spec = spec
         self._on_error = on_error
         self._staging_dir = staging_dir
         self._loads = Metrics.counter("lime_jax", "processor_loads")
@@ -62,7 +64,7 @@ class AnnotateShardFn(beam.DoFn):
     def setup(self):
         # spaCy and SentencePiece load once per DoFn instance (per worker thread/process),
         # not per element: the same initialiser the local worker pool uses.
-        local._init_worker(*self._worker_args)
+        worker.init(self._spec)
         self._fresh = True  # counted on first use: Beam drops metrics reported from setup()
 
     def process(self, element):
@@ -70,11 +72,9 @@ class AnnotateShardFn(beam.DoFn):
             self._loads.inc()
             self._fresh = False
         (file_index, shard_in_file), docs = element
-        docs = sorted(docs)
         features, stats, skipped = [], Stats(), []
-        for batch in local._chunks(iter(docs), local.TASK_DOCS):
-            _, out, s, bad = local._process_task(
-                (0, [d[1] for d in batch], [d[2] for d in batch], self._on_error))
+        for batch in worker.chunks(sorted(docs), worker.TASK_DOCS):
+            out, s, bad = worker.process_batch([d[1] for d in batch], [d[2] for d in batch], self._on_error)
             features.extend(f for f in out if f is not None)
             stats.add(s)
             skipped += bad
@@ -85,37 +85,42 @@ class AnnotateShardFn(beam.DoFn):
                           "stats": vars(stats), "skipped": skipped})
 
 
-def build_pipeline(p: beam.Pipeline, paths: list[str], args, staging_dir: str) -> None:
-    worker_args = (args.spacy_model, args.ner_scheme, args.use_blis, args.spm, args.tokenization)
+def build_pipeline(p: beam.Pipeline, paths: list[str], spec: ProcessorSpec, staging_dir: str, *,
+                   docs_per_shard: int, max_docs: int | None, utf8_errors: str, on_error: str) -> None:
     (p
      | "Files" >> beam.Create(list(enumerate(paths)))
      # Each file is read where it is processed; a reshuffle spreads its documents' shards.
-     | "Read" >> beam.FlatMap(_read_file, args.utf8_errors, args.docs_per_shard, args.max_docs)
+     | "Read" >> beam.FlatMap(_read_file, utf8_errors, docs_per_shard, max_docs)
      | "Shards" >> beam.GroupByKey()
-     | "Annotate" >> beam.ParDo(AnnotateShardFn(worker_args, staging_dir, args.on_error))
+     | "Annotate" >> beam.ParDo(AnnotateShardFn(spec, staging_dir, on_error))
      | "Results" >> beam.io.WriteToText(os.path.join(staging_dir, "results"), file_name_suffix=".jsonl"))
 
 
-def annotate_corpus(args) -> dict:
-    """The Beam counterpart of `lime_jax.annotation.local_runner.annotate_corpus` (same args, same cache)."""
-    paths = inputs_lib.resolve_inputs(args.input)
-    if args.max_docs is not None and len(paths) > 1:
+def annotate_corpus(inputs: Sequence[str], out: str, spec: ProcessorSpec, *, beam_options: str = "",
+                    docs_per_shard: int = manifest_lib.DOCS_PER_SHARD, max_docs: int | None = None,
+                    utf8_errors: str = "strict", on_error: str = "fail", overwrite: bool = False) -> dict:
+    """The Beam counterpart of `local_runner.annotate_corpus` (same arguments, same cache);
+    `beam_options`: Beam pipeline options as one string (default: the DirectRunner)."""
+    paths = inputs_lib.resolve_inputs(inputs)
+    if max_docs is not None and len(paths) > 1:
         raise ValueError("--max-docs with --runner beam needs a single input file (files are read in "
                          "parallel, so 'the first N documents' of several files is not defined)")
-    settings = dict(local._settings(args, paths), runner=RUNNER)
-    out = args.out
-    finished = local.finished_cache(out, settings, args.overwrite)
+    settings = manifest_lib.settings(paths, spec, docs_per_shard=docs_per_shard, max_docs=max_docs,
+                                     utf8_errors=utf8_errors)
+    settings["runner"] = RUNNER
+    finished = manifest_lib.finished_cache(out, settings, overwrite)
     if finished is not None:
         return finished
-    if os.path.isdir(out) and (args.overwrite or os.path.isdir(os.path.join(out, STAGING_NAME))):
+    if os.path.isdir(out) and (overwrite or os.path.isdir(os.path.join(out, STAGING_NAME))):
         shutil.rmtree(out)  # Beam retries failed bundles itself; a new run starts clean
     staging = os.path.join(out, STAGING_NAME)
     os.makedirs(staging)
 
-    options = PipelineOptions(shlex.split(args.beam_options or ""))
+    options = PipelineOptions(shlex.split(beam_options))
     t0 = time.time()
     p = beam.Pipeline(options=options)
-    build_pipeline(p, paths, args, os.path.abspath(staging))
+    build_pipeline(p, paths, spec, os.path.abspath(staging), docs_per_shard=docs_per_shard,
+                   max_docs=max_docs, utf8_errors=utf8_errors, on_error=on_error)
     result = p.run()
     result.wait_until_finish()
     seconds = time.time() - t0
@@ -128,7 +133,7 @@ def annotate_corpus(args) -> dict:
             results += [json.loads(line) for line in f if line.strip()]
     results.sort(key=lambda r: r["key"])
     if not results:
-        raise local.empty_input_error(paths)
+        raise manifest_lib.empty_input_error(paths)
     shards, totals = [], Stats()
     for k, r in enumerate(results):
         name = cache_lib.shard_name(k)
@@ -137,33 +142,13 @@ def annotate_corpus(args) -> dict:
         totals.add(Stats(**r["stats"]))
 
     # The driver loads the processor once too, for the vocabularies it writes beside the cache.
-    local._init_worker(args.spacy_model, args.ner_scheme, args.use_blis, args.spm, args.tokenization)
-    processor = local._PROCESSOR
-    for name, vocab in processor.vocabularies.items():
-        vocab.save(os.path.join(out, f"vocab_{name.removeprefix('targets_')}.json"))
-    shutil.copyfile(args.spm, os.path.join(out, local.SPM_NAME))
-    manifest = {
-        "format": cache_lib.FORMAT,
-        "features": list(FEATURES),
-        "shards": shards,
-        "vocab_sizes": processor.vocab_sizes,
-        "vocab_files": {k: f"vocab_{k.removeprefix('targets_')}.json" for k in processor.vocabularies},
-        "spm_model": local.SPM_NAME,
-        "spm_sha256": settings["spm_sha256"],
-        "tokenization": args.tokenization,
-        "spacy": {"model": args.spacy_model, "version": processor.annotator.version,
-                  "ner_scheme": args.ner_scheme},
-        "counts": {"documents": totals.documents, "empty_documents": totals.empty_documents,
-                   "skipped_documents": totals.skipped_documents, "records": sum(s["num_records"] for s in shards), "words": totals.words,
-                   "pieces": totals.pieces},
-        "throughput": {"seconds": round(seconds, 3), "workers": RUNNER,
-                       "words_per_second": round(totals.words / max(seconds, 1e-9), 1),
-                       # processor_loads: DoFn set-ups, i.e. spaCy loads (one per worker).
-                       "beam": {"runner": type(p.runner).__name__, **counters}},
-        "settings": settings,
-        "skipped_documents": [s for r in results for s in r["skipped"]],
-    }
-    cache_lib.write_manifest(out, manifest)
+    manifest = manifest_lib.write_cache(
+        out, processor=spec.load(), spec=spec, settings=settings, shards=shards, totals=totals,
+        throughput={"seconds": round(seconds, 3), "workers": RUNNER,
+                    "words_per_second": round(totals.words / max(seconds, 1e-9), 1),
+                    # processor_loads: DoFn set-ups, i.e. spaCy loads (one per worker).
+                    "beam": {"runner": type(p.runner).__name__, **counters}},
+        skipped=[s for r in results for s in r["skipped"]])
     shutil.rmtree(staging)
     print(f"beam: {len(shards)} shards, {totals.documents} documents in {seconds:.1f} s", file=sys.stderr)
     return manifest

@@ -1,56 +1,56 @@
-"""`lime-jax show`: the pieces of a text with their POS and NER tags, for people or programs."""
+"""The pieces of a text with the POS and NER tags a model would see from a tag source."""
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import numpy as np
 
-from lime_jax.annotation import align
-from lime_jax.annotation.annotator import DEFAULT_SPACY_MODEL, SpacyAnnotator
+from lime_jax.annotation import tag_sources
 from lime_jax.annotation.pipeline import DocumentProcessor
+from lime_jax.annotation.tag_sources import ORACLE, TagSource
+from lime_jax.data.packing import shift_tags
+from lime_jax.ids import NONE_ID
+
+PLUS_ONE_HONEST_NOTE = (
+    "LIME+1: each piece shows the tags of the piece after it. From {source} those are computed from "
+    "the text up to and including that next piece, i.e. the piece the model is predicting: at "
+    "generation they come from a guide, not from the model's own text. Shown for display.")
 
 
-def show(text: str, processor: DocumentProcessor, plus_one: bool = False) -> dict:
-    """Equal-length lists `pieces`, `ids`, `pos`, `ner` (tag strings), EOS last."""
+def show(text: str, processor: DocumentProcessor, plus_one: bool = False, source: TagSource = ORACLE,
+         tagger=None) -> dict:
+    """`pieces`, `ids`, `pos`, `ner` (equal-length lists, EOS last) and `tag_source`.
+
+    The pieces are the training pipeline's; `oracle` tags are its own alignment, other sources tag
+    those pieces (EOS gets NONE). `tagger` is the loaded tagger of a `tagger:DIR` source.
+    """
     features = processor.align(text, processor.annotator.annotate([text])[0])
     ids, pos, ner = features[:3]
+    if source.honest:
+        tags_of = tag_sources.tag_function(source, processor.tokenizer, processor.annotator, tagger=tagger)
+        tags = np.asarray(tags_of([ids[:-1].tolist()])[0])
+        pos, ner = (np.append(row, NONE_ID) for row in tags)
     if plus_one:
-        pos, ner = align.shift_tags(pos, 1), align.shift_tags(ner, 1)
-    return {
+        pos, ner = shift_tags(np.stack([pos, ner]), 1)
+    rows = {
+        "tag_source": str(source),
         "pieces": [processor.tokenizer.id_to_piece(i) for i in ids.tolist()],
         "ids": ids.tolist(),
         "pos": [processor.pos_vocab.tag(i) for i in pos.tolist()],
         "ner": [processor.ner_vocab.tag(i) for i in ner.tolist()],
     }
+    if plus_one and source.honest:
+        rows["note"] = PLUS_ONE_HONEST_NOTE.format(source=source)
+    return rows
 
 
-def format_table(rows: dict) -> str:
-    header = ("piece", "id", "POS", "NER")
+def format_table(rows: dict, source: TagSource) -> str:
+    header = ("piece", "id", f"POS ({source})", f"NER ({source})")
     cols = [rows["pieces"], [str(i) for i in rows["ids"]], rows["pos"], rows["ner"]]
     cols = [[repr(p)[1:-1] for p in cols[0]]] + cols[1:]  # show control characters escaped
     widths = [max([len(h)] + [len(c) for c in col]) for h, col in zip(header, cols)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines = [f"tags: {source}: {source.describe()}"]
+    if "note" in rows:
+        lines.append(rows["note"])
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in zip(*cols)]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lime-jax show", description=__doc__)
-    p.add_argument("--spm", required=True, help="SentencePiece model")
-    p.add_argument("--tokenization", choices=align.TOKENIZATIONS, default="lime")
-    p.add_argument("--plus-one", action="store_true", help="LIME+1: each piece shows the next piece's tags")
-    p.add_argument("--ner-scheme", choices=["bio", "types"], default="bio")
-    p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("text", nargs="+", help="the text (several arguments are joined by spaces)")
-    args = p.parse_args(argv)
-    try:
-        annotator = SpacyAnnotator(args.spacy_model, ner_scheme=args.ner_scheme)
-        processor = DocumentProcessor(annotator, args.spm, args.tokenization)
-        rows = show(" ".join(args.text), processor, args.plus_one)
-    except ValueError as e:
-        print(f"lime-jax show: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(rows, ensure_ascii=False) if args.json else format_table(rows))
-    return 0

@@ -6,9 +6,7 @@ fallback keeps rare characters (emoji, other scripts) out of UNK.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -121,7 +119,8 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def _iter_training_texts(patterns: Sequence[str], max_docs: int | None) -> Iterator[str]:
+def training_texts(patterns: Sequence[str], max_docs: int | None = None) -> Iterator[str]:
+    """The lines of the first `max_docs` documents of the inputs (`lime-jax spm-train`'s input)."""
     from lime_jax.annotation.inputs import iter_input_documents
 
     for n, (_, text) in enumerate(iter_input_documents(patterns)):
@@ -129,23 +128,3 @@ def _iter_training_texts(patterns: Sequence[str], max_docs: int | None) -> Itera
             return
         # Paragraph lines keep sentences whole while staying under max_sentence_length.
         yield from text.splitlines()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lime-jax spm-train", description=train_spm.__doc__)
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="files or globs (.txt: a document per line; .jsonl: a 'text' field; "
-                             "optionally .gz/.xz), or bundled:train / bundled:heldout")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
-    parser.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
-    args = parser.parse_args(argv)
-    try:
-        path = train_spm(_iter_training_texts(args.input, args.max_docs), args.out, args.vocab_size,
-                         model_type=args.model_type)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"lime-jax spm-train: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces)")
-    return 0

@@ -6,19 +6,22 @@ TensorFlow or JAX start-up.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 # name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "spm-train": ("lime_jax.annotation.spm", "train a SentencePiece model on text files"),
-    "show": ("lime_jax.annotation.show", "print the pieces and POS/NER tags of a text"),
-    "annotate": ("lime_jax.annotation.local_runner", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
-    "train": ("lime_jax.trainer.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
-    "quickstart": ("lime_jax.quickstart", "SentencePiece, annotation, baseline and LIME runs on the bundled corpus"),
-    "eval": ("lime_jax.evaluation.evaluate", "held-out perplexity/accuracy, token cohesion, cloze, addition and reasoning of a run"),
-    "generate": ("lime_jax.inference.generate", "generate text with a KV cache; LIME+1 metadata guidance"),
-    "report": ("lime_jax.evaluation.report", "plots and a markdown summary comparing runs (data efficiency)"),
-    "aot": ("lime_jax.trainer.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
+    "spm-train": ("lime_jax.cli.spm_train", "train a SentencePiece model on text files"),
+    "show": ("lime_jax.cli.show", "print the pieces and POS/NER tags of a text"),
+    "annotate": ("lime_jax.cli.annotate", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
+    "train": ("lime_jax.cli.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
+    "quickstart": ("lime_jax.cli.quickstart", "SentencePiece, annotation, baseline and LIME runs on the bundled corpus"),
+    "eval": ("lime_jax.cli.eval", "held-out perplexity/accuracy, token cohesion, cloze, addition and reasoning of a run"),
+    "generate": ("lime_jax.cli.generate", "generate text with a KV cache; LIME+1 metadata guidance"),
+    "report": ("lime_jax.cli.report", "plots and a markdown summary comparing runs (data efficiency)"),
+    "aot": ("lime_jax.cli.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
+    "tagger": ("lime_jax.cli.tagger", "train or score the causal POS/NER tagger distilled from spaCy (honest LIME+1 tags)"),
 }
 
 
@@ -31,7 +34,20 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        finally:  # also after argparse's --help exit: a reader that went away shows up here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `lime-jax show ... | head`: the reader stopped reading. Exit as a process killed by
+        # SIGPIPE would, without a traceback; stdout goes to devnull so the flush at interpreter
+        # exit cannot fail again (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

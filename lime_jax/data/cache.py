@@ -3,12 +3,11 @@
 Format (docs/architecture.md, "Cache on disk"): one record = one document, the bytes of a
 C-order int32 array of shape [F, L] (F = number of features). Tags are stored unshifted.
 
-Imports numpy, array_record, json and hashlib only: annotation workers write shards without
-loading jax or TensorFlow.
+Imports numpy, array_record and the standard library only: annotation workers write shards
+without loading jax or TensorFlow.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from array_record.python import array_record_module
+
+from lime_jax.hashing import sha256_file
 
 FORMAT = "lime_jax.cache.v1"
 MANIFEST_NAME = "manifest.json"
@@ -34,14 +35,6 @@ class CacheError(ValueError):
 
 def shard_name(shard_index: int) -> str:
     return SHARD_PATTERN % shard_index
-
-
-def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_document(doc: np.ndarray, where: str, num_features: int | None) -> np.ndarray:
@@ -241,6 +234,24 @@ def verify_cache(out_dir: str, expected_vocab_sizes: Mapping[str, int] | None = 
         finally:
             reader.close()
     return manifest
+
+
+def read_documents(out_dir: str, max_docs: int | None = None, check_hashes: bool = True
+                   ) -> tuple[list[np.ndarray], dict]:
+    """The first `max_docs` (default all) documents of a verified cache, int32 [F, L] each, in
+    shard order, and its manifest."""
+    manifest = verify_cache(out_dir, check_hashes=check_hashes)
+    docs: list[np.ndarray] = []
+    for path in shard_paths(out_dir, manifest):
+        if max_docs is not None and len(docs) >= max_docs:
+            break
+        reader = open_reader(path)
+        try:
+            records = reader.read_all()
+        finally:
+            reader.close()
+        docs += [read_document(r, len(manifest["features"]), f"{path}: record {i}") for i, r in enumerate(records)]
+    return docs[:max_docs], manifest
 
 
 def open_reader(path: str, options: str = READER_OPTIONS):

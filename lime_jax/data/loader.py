@@ -28,7 +28,7 @@ from grain.experimental import (FirstFitPackIterDataset, FlatMapIterDataset,
 
 from lime_jax.data import cache, packing
 
-_PACKED = "columns"  # the single packed feature: [L, 2 + K] int32, see packing.piece_columns
+PACKED_FEATURE = "columns"  # the single packed feature: [L, 2 + K] int32, see packing.piece_columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class _PieceAndShift(FlatMapTransform):
     max_fan_out: int = 1 << 30  # long documents make many pieces; grain checks it only on maps
 
     def flat_map(self, doc_FxL):
-        return [{_PACKED: packing.piece_columns(piece, list(self.tag_rows), self.shift)}
+        return [{PACKED_FEATURE: packing.piece_columns(piece, list(self.tag_rows), self.shift)}
                 for piece in packing.split_document(doc_FxL, self.seq_len)]
 
 
@@ -50,8 +50,8 @@ def _decode(record: bytes, num_features: int) -> np.ndarray:
 
 
 def _to_contract(packed: Mapping[str, np.ndarray], tag_names: tuple[str, ...]):
-    return packing.columns_to_batch(packed[_PACKED], packed[f"{_PACKED}_segment_ids"],
-                                    packed[f"{_PACKED}_positions"], list(tag_names))
+    return packing.columns_to_batch(packed[PACKED_FEATURE], packed[f"{PACKED_FEATURE}_segment_ids"],
+                                    packed[f"{PACKED_FEATURE}_positions"], list(tag_names))
 
 
 def _process_index_and_count() -> tuple[int, int]:
@@ -152,21 +152,35 @@ def build_dataset(
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=read_buffer_size))
     pieces = FlatMapIterDataset(ids, _PieceAndShift(seq_len, tag_rows, shift))
-    packed = FirstFitPackIterDataset(
-        pieces, length_struct={_PACKED: seq_len},
-        num_packing_bins=num_packing_bins or max(batch_size, 32),
-        seed=seed, shuffle_bins=False)
-    if num_epochs is None:
-        batched = packed.batch(batch_size, drop_remainder=True)
-    else:
-        batched = packed.batch(batch_size, batch_fn=functools.partial(
-            batch_and_pad, batch_size=batch_size))
-    out = batched.map(functools.partial(_to_contract, tag_names=tag_names))
+    out = pack_and_batch(pieces, seq_len, batch_size, tag_names, seed=seed,
+                         padded_last_batch=num_epochs is not None,
+                         num_packing_bins=num_packing_bins)
     if worker_count > 0:
         _mark_absl_flags_parsed()
         out = out.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
     return out
+
+
+def pack_and_batch(pieces: grain.IterDataset, seq_len: int, batch_size: int,
+                   tag_names: Sequence[str], *, seed: int, padded_last_batch: bool,
+                   num_packing_bins: int | None = None) -> grain.IterDataset:
+    """Pieces (`{"columns": [N, 2 + K]}`, see `packing.piece_columns`) -> contract batches.
+
+    First-fit packing into `num_packing_bins` rows at a time, then batches of `batch_size` rows;
+    `padded_last_batch` pads a final short batch instead of dropping it. Shared by this loader
+    and `seqio_source`, so both inputs pack the same pieces into the same rows.
+    """
+    packed = FirstFitPackIterDataset(
+        pieces, length_struct={PACKED_FEATURE: seq_len},
+        num_packing_bins=num_packing_bins or max(batch_size, 32),
+        seed=seed, shuffle_bins=False)
+    if padded_last_batch:
+        batched = packed.batch(batch_size, batch_fn=functools.partial(
+            batch_and_pad, batch_size=batch_size))
+    else:
+        batched = packed.batch(batch_size, drop_remainder=True)
+    return batched.map(functools.partial(_to_contract, tag_names=tuple(tag_names)))
 
 
 def checkpoint_save_args(iterator):

@@ -1,4 +1,5 @@
-"""Per-document preparation for packing, shared by the Grain loader and its tests (numpy only).
+"""The LIME tag shift and per-document preparation for packing (numpy only), shared by the
+Grain loader, evaluation and `lime-jax show`.
 
 The batch contract (docs/architecture.md, "Batches"): the metadata the model sees at position i
 of a segment are the tags of target token `i - 1 + shift` of the same segment, NONE outside it.
@@ -22,16 +23,31 @@ def split_document(doc_FxL: np.ndarray, seq_len: int) -> list[np.ndarray]:
 
 
 def shift_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
-    """Tags seen at input position i: those of target `i - 1 + shift`, NONE outside [0, N)."""
-    k, n = tags_KxN.shape
-    out_KxN = np.full((k, n), NONE_ID, dtype=np.int32)
-    offset = 1 - shift  # out[i] = tags[i - offset]
-    if offset >= 0:
-        if offset < n:
-            out_KxN[:, offset:] = tags_KxN[:, :n - offset]
-    elif -offset < n:
-        out_KxN[:, :n + offset] = tags_KxN[:, -offset:]
+    """The LIME shift: token j of a sequence carries the tags of token `j + shift` of the same
+    sequence, NONE where that falls outside it (0 LIME, +1 LIME+1, -1 leakage control).
+
+    The one definition of the shift; `[N]` or `[K, N]` (K tag features over the last axis).
+    """
+    tags_KxN = np.asarray(tags_KxN)
+    n = tags_KxN.shape[-1]
+    out_KxN = np.full(tags_KxN.shape, NONE_ID, dtype=np.int32)
+    if 0 <= shift < n:
+        out_KxN[..., :n - shift] = tags_KxN[..., shift:]
+    elif 0 < -shift < n:
+        out_KxN[..., -shift:] = tags_KxN[..., :n + shift]
     return out_KxN
+
+
+def input_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
+    """Tags the model sees at input position i of a segment: those of target `i - 1 + shift`.
+
+    The inputs are BOS followed by the targets but the last, and BOS carries NONE: this is
+    `shift_tags` over `[NONE] + tags`, cut to the segment's length. The TF twin
+    (`seqio_features.input_tags_tf`) follows the same rule.
+    """
+    tags_KxN = np.asarray(tags_KxN)
+    bos_Kx1 = np.full(tags_KxN.shape[:-1] + (1,), NONE_ID, dtype=np.int32)
+    return shift_tags(np.concatenate([bos_Kx1, tags_KxN], axis=-1), shift)[..., :-1]
 
 
 def piece_columns(piece_FxN: np.ndarray, tag_rows: list[int], shift: int) -> np.ndarray:
@@ -46,7 +62,7 @@ def piece_columns(piece_FxN: np.ndarray, tag_rows: list[int], shift: int) -> np.
     cols_CxN[1, 0] = BOS_INPUT_ID
     cols_CxN[1, 1:] = targets_N[:-1]
     if tag_rows:
-        cols_CxN[2:] = shift_tags(piece_FxN[tag_rows], shift)
+        cols_CxN[2:] = input_tags(piece_FxN[tag_rows], shift)
     return np.ascontiguousarray(cols_CxN.T)
 
 

@@ -4,10 +4,13 @@ SeqIO's stock decoder-only converters keep only `targets`. `LimeLMFeatureConvert
 task features `targets` and `targets_<tag>` (same length per example, tags unshifted) and emits
 the batch contract of docs/architecture.md: the `LMFeatureConverter` features plus
 `decoder_input_<tag>`, the tags of target token `i - 1 + shift` of the same segment (NONE
-outside it). Same rule as the Grain loader (`packing.py`): an example longer than the sequence
+outside it). Same rules as the Grain loader (`packing.py`): an example longer than the sequence
 length is split into pieces, each its own segment, and the shift is applied within a piece.
+With `pack=True` SeqIO's own packer fills rows in order; `seqio_source.seqio_batches` instead
+packs unpacked pieces with the Grain loader's packer, so both training inputs batch alike.
 
-Imports seqio (TensorFlow): use it for evaluation and inspection, never on the training path.
+Imports seqio (TensorFlow): the cache training path (the Grain loader) never imports it; a run
+that names a SeqIO task or mixture (`seqio_source.py`) does.
 """
 from __future__ import annotations
 
@@ -21,15 +24,14 @@ from lime_jax.ids import NONE_ID
 _SPEC = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
 
 
-def _shift_tags_tf(tags_N: tf.Tensor, shift: int) -> tf.Tensor:
-    """out[i] = tags[i - 1 + shift], NONE where that index falls outside [0, N)."""
+def input_tags_tf(tags_N: tf.Tensor, shift: int) -> tf.Tensor:
+    """`packing.input_tags` in TF, the same rule: input i sees the tags of target `i - 1 + shift`
+    of the segment, i.e. `[NONE] + tags` (BOS carries NONE) shifted by `shift`, NONE outside."""
     n = tf.size(tags_N)
-    offset = 1 - shift
-    if offset >= 0:
-        k = tf.minimum(offset, n)
-        return tf.concat([tf.fill([k], NONE_ID), tags_N[:n - k]], axis=0)
-    k = tf.minimum(-offset, n)
-    return tf.concat([tags_N[k:], tf.fill([k], NONE_ID)], axis=0)
+    with_bos = tf.concat([[NONE_ID], tags_N], axis=0)
+    idx = tf.range(n) + shift
+    inside = (idx >= 0) & (idx <= n)
+    return tf.where(inside, tf.gather(with_bos, tf.clip_by_value(idx, 0, n)), NONE_ID)
 
 
 def split_examples(ds: tf.data.Dataset, length: int,
@@ -91,7 +93,7 @@ class LimeLMFeatureConverter(seqio.LMFeatureConverter):
     def _shift_piece(self, ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         out = {"targets": ex["targets"]}
         for t in self._tags:
-            out[f"input_{t}"] = _shift_tags_tf(ex[f"targets_{t}"], self._shift)
+            out[f"input_{t}"] = input_tags_tf(ex[f"targets_{t}"], self._shift)
         return out
 
     def _convert_example(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -1,9 +1,8 @@
-"""`lime-jax eval`: held-out metrics, token cohesion, cloze, addition and reasoning of a run.
+"""Held-out metrics, token cohesion, cloze, addition and reasoning of a run (`lime-jax eval`).
 
-    lime-jax eval --model_dir runs/quickstart/lime [--task heldout lambada addition reasoning]
-
-Writes `<model_dir>/eval_results.json`. Tasks:
-- `heldout`: perplexity and next-token accuracy on the run's held-out cache (`run.eval_cache_dir`
+`evaluate` returns the results that `write_results` stores as `<model_dir>/eval_results.json`.
+Tasks:
+- `heldout`: perplexity and next-token accuracy on the run's held-out cache (`DataConfig.eval_cache_dir`
   or `--eval_cache_dir`), documents cut into `seq_len` pieces as in training, tags as the model
   was trained to see them. Cohesion: the same accuracy by the target piece's place inside its
   word (`subword_index`), per word length in pieces (1, 2, 3, 4, 5+).
@@ -19,19 +18,28 @@ generated or scored text is re-annotated, as `lime-jax generate` does); LIME+1 t
 and `guided` (oracle tags from annotating prompt + gold answer, as in the paper). For held-out
 text and cloze items, tags come from annotating the whole document, as in training (LIME+1
 cloze: `guided` uses the word's own tags, `unguided` PAD on the positions that predict it).
+
+Tag source (`--tags`, lime_jax.annotation.tag_sources), for LIME and the previous-piece arm:
+`oracle` (the default: the cache's tags, spaCy over whole documents, which see the text after
+each piece), `prefix` (spaCy over the text up to and including each piece: what re-annotation
+gives at generation time) or `tagger:DIR` (the causal tagger). With an honest source, held-out
+and cloze tags are recomputed per `seq_len` window (the text the model sees), reasoning tags
+over prompt + answer, and addition tags over the prompt and every generated prefix. The results
+name the source (`tag_source`, `tags_honest`). A LIME+1 run sees the tags of the piece it
+predicts, so no source is honest for it: its modes (`guided`, `unguided`) say where tags come from.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from lime_jax.annotation import tag_sources
+from lime_jax.annotation.retag import retag_documents
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import packing
 from lime_jax.ids import NONE_ID, PAD_ID
@@ -160,21 +168,6 @@ def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[
     return row
 
 
-def read_cache_documents(cache_dir: str, max_docs: int | None = None) -> tuple[list[np.ndarray], dict]:
-    manifest = cache_lib.verify_cache(cache_dir)
-    docs: list[np.ndarray] = []
-    for path in cache_lib.shard_paths(cache_dir, manifest):
-        reader = cache_lib.open_reader(path)
-        try:
-            for rec in reader.read_all():
-                docs.append(cache_lib.read_document(rec, len(manifest["features"]), path))
-                if max_docs is not None and len(docs) >= max_docs:
-                    return docs, manifest
-        finally:
-            reader.close()
-    return docs, manifest
-
-
 def _rows_of(manifest: dict, names: Sequence[str]) -> tuple[list[int], int]:
     features = manifest["features"]
     missing = [n for n in names if f"targets_{n}" not in features]
@@ -239,7 +232,9 @@ def cloze_items(docs: Sequence[np.ndarray], manifest: dict, pos_vocab, seq_len: 
 
 
 def eval_lambada(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: dict, min_context: int,
-                 max_items: int) -> dict:
+                 max_items: int, input_docs: Sequence[np.ndarray] | None = None) -> dict:
+    """Cloze items are picked by the cache's (oracle) POS tags; the model's tags come from
+    `input_docs` (the same documents re-tagged by the run's tag source), default `docs`."""
     names, shift, seq_len = loaded.cfg.metadata_names, loaded.shift, loaded.run.seq_len
     tag_rows, _ = _rows_of(manifest, names)
     if "pos" not in loaded.vocabs:
@@ -252,7 +247,7 @@ def eval_lambada(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: d
     for mode in modes:
         rows = []
         for d, start, ws, wl in items:
-            row = segment_row(docs[d][:, start:ws + wl], tag_rows, names, shift)
+            row = segment_row((input_docs or docs)[d][:, start:ws + wl], tag_rows, names, shift)
             if mode == "unguided":  # positions ws-start .. : predict the word's pieces
                 for name in names:
                     row[name] = row[name].copy()
@@ -281,7 +276,18 @@ def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> t
     return prompt_feats, split
 
 
-def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict:
+def _source_rows(tags: Sequence[np.ndarray], feats: Sequence[np.ndarray]) -> None:
+    """Writes a tag source's [2, L] tags (rows TAG_ROWS) into pipeline features [4, L] in place."""
+    from lime_jax.annotation.pipeline import FEATURES
+
+    rows = [FEATURES.index(f"targets_{n}") for n in tag_sources.TAG_ROWS]
+    for t, f in zip(tags, feats):
+        f[rows] = t
+
+
+def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=None, tagger=None) -> dict:
+    """`tag_fn` (an honest source) re-tags the prompts; generated pieces are re-tagged by spaCy on
+    the decoded prefix (the `prefix` source) or by `tagger`."""
     from lime_jax.data import synthetic
     from lime_jax.inference.generate import decode_batch, make_retagger, oracle_guide, tag_rows
     from lime_jax.model.decode import IncrementalDecoder
@@ -289,9 +295,11 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict
     examples = synthetic.addition_examples(n, seed=TEST_SEED, max_digits=max_digits)
     rows = tag_rows(loaded)
     prompt_feats, split = _prompt_and_answers(loaded, examples, "answer")
+    if tag_fn is not None:
+        _source_rows(tag_fn([f[0] for f in prompt_feats]), prompt_feats)
     inc = IncrementalDecoder(loaded.model)
     tok = loaded.tokenizer
-    retag = make_retagger(loaded) if loaded.cfg.metadata and loaded.shift < 1 else None
+    retag = make_retagger(loaded, tagger) if loaded.cfg.metadata and loaded.shift < 1 else None
     out = {"n": len(examples), "max_digits": max_digits, "modes": {}}
     for mode in _modes(loaded):
         hits, samples = [], []
@@ -318,7 +326,7 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32) -> dict
     return out
 
 
-def eval_reasoning(loaded, scorer: Scorer, n: int) -> dict:
+def eval_reasoning(loaded, scorer: Scorer, n: int, tag_fn=None) -> dict:
     from lime_jax.data import synthetic
     from lime_jax.inference.generate import tag_rows
 
@@ -326,6 +334,11 @@ def eval_reasoning(loaded, scorer: Scorer, n: int) -> dict:
     rows = tag_rows(loaded)
     names, shift, seq_len = loaded.cfg.metadata_names, loaded.shift, loaded.run.seq_len
     _, split = _prompt_and_answers(loaded, examples, "choices")
+    if tag_fn is not None:  # an honest source tags prompt + answer as one text
+        fulls = [np.concatenate(pair, axis=1) for parts in split for pair in parts]
+        _source_rows(tag_fn([f[0] for f in fulls]), fulls)
+        it = iter(fulls)
+        split = [[(f[:, :pf.shape[1]], f[:, pf.shape[1]:]) for (pf, _), f in zip(parts, it)] for parts in split]
     out = {"n": len(examples), "modes": {}}
     for mode in _modes(loaded):
         score_rows, owners = [], []
@@ -359,7 +372,7 @@ def _lime_plus1_answer_tags(row: dict, names, tags_KxN: np.ndarray, n_answer: in
         m = min(n_answer, gold_tags.shape[1])
         fill[:, :m] = gold_tags[:, :m]
     tags_KxN[:, tags_KxN.shape[1] - n_answer:] = fill
-    shifted = packing.shift_tags(tags_KxN, 1)
+    shifted = packing.input_tags(tags_KxN, 1)
     for k, name in enumerate(names):
         row[name] = shifted[k]
 
@@ -370,38 +383,63 @@ def _lime_plus1_answer_tags(row: dict, names, tags_KxN: np.ndarray, n_answer: in
 def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None = None,
              max_docs: int | None = None, addition_n: int = 150, addition_digits: int = 3,
              reasoning_n: int = 100, cloze_context: int = 32, cloze_items_max: int = 300,
-             batch_rows: int = 16) -> dict:
-    """Runs the tasks; returns the results dict (also what `main` writes to eval_results.json)."""
+             batch_rows: int = 16, tags: tag_sources.TagSource = tag_sources.ORACLE, tagger=None) -> dict:
+    """Runs the tasks; returns the results dict (what `write_results` stores).
+
+    `tags`: where a LIME run's tags come from (module docstring); `tagger` is the loaded
+    causal tagger of a `tagger:DIR` source, checked against the run's SentencePiece model.
+    """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
+    tag_fn = None
+    if tags.honest and loaded.cfg.metadata:
+        if loaded.shift >= 1:
+            raise ValueError(f"--tags {tags}: a LIME+1 run sees the tags of the piece it predicts, so no tag "
+                             "source is honest for it; its modes guided/unguided say where tags come from")
+        if tags.kind == "tagger" and tagger is None:
+            raise ValueError(f"tag source {tags}: pass the loaded tagger")
+        tag_fn = tag_sources.tag_function(tags, loaded.tokenizer, loaded.processor.annotator, tagger=tagger,
+                                          max_pieces=max(tag_sources.DEFAULT_MAX_PIECES, loaded.run.seq_len))
     scorer = Scorer(loaded, batch_rows)
     res = {"model_dir": loaded.run.model_dir, "step": loaded.step, "arm": loaded.run.arm,
            "shift": loaded.shift, "tokens_per_step": loaded.run.tokens_per_step,
-           "tokens_seen": loaded.step * loaded.run.tokens_per_step, "modes": _modes(loaded)}
+           "tokens_seen": loaded.step * loaded.run.tokens_per_step, "modes": _modes(loaded),
+           "tag_source": str(tags), "tags_honest": tags.honest}
     docs = manifest = None
     if {"heldout", "lambada"} & set(tasks):
         cache_dir = eval_cache_dir or loaded.run.eval_cache_dir
         if not cache_dir:
-            raise ValueError(f"{loaded.run.model_dir}/config.gin names no run.eval_cache_dir; pass --eval_cache_dir")
-        docs, manifest = read_cache_documents(cache_dir, max_docs)
+            raise ValueError(f"{loaded.run.model_dir}/config.gin names no DataConfig.eval_cache_dir; pass --eval_cache_dir")
+        docs, manifest = cache_lib.read_documents(cache_dir, max_docs)
         res["eval_cache_dir"] = os.path.abspath(cache_dir)
+        if tag_fn is None:  # the held-out cache's own tags: oracle, or those of `annotate --from-cache`
+            res["tag_source"] = manifest.get("tag_source", "oracle")
+            res["tags_honest"] = res["tag_source"].split(":", 1)[0] in tag_sources.KINDS[1:]
+        input_docs = docs if tag_fn is None else retag_documents(docs, manifest, tag_fn, loaded.run.seq_len, tags)
     for task in tasks:
         t0 = time.perf_counter()
         if task == "heldout":
-            res[task] = eval_heldout(loaded, scorer, docs, manifest)
+            res[task] = eval_heldout(loaded, scorer, input_docs, manifest)
         elif task == "lambada":
-            res[task] = eval_lambada(loaded, scorer, docs, manifest, cloze_context, cloze_items_max)
+            res[task] = eval_lambada(loaded, scorer, docs, manifest, cloze_context, cloze_items_max, input_docs)
         elif task == "addition":
-            res[task] = eval_addition(loaded, addition_n, addition_digits)
+            res[task] = eval_addition(loaded, addition_n, addition_digits, tag_fn=tag_fn, tagger=tagger)
         elif task == "reasoning":
-            res[task] = eval_reasoning(loaded, scorer, reasoning_n)
+            res[task] = eval_reasoning(loaded, scorer, reasoning_n, tag_fn)
         res[task]["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
 
+def results_path(model_dir: str, tag_source: str = "oracle") -> str:
+    """`eval_results.json` for oracle tags, `eval_results_<source kind>.json` for an honest source,
+    so evaluations with different tags sit side by side (the report reads them all)."""
+    kind = tag_source.split(":", 1)[0]
+    return os.path.join(model_dir, RESULTS_NAME if kind == "oracle" else f"eval_results_{kind}.json")
+
+
 def write_results(model_dir: str, res: dict) -> str:
-    path = os.path.join(model_dir, RESULTS_NAME)
+    path = results_path(model_dir, res.get("tag_source", "oracle"))
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
@@ -410,7 +448,8 @@ def write_results(model_dir: str, res: dict) -> str:
 
 
 def summary_lines(res: dict) -> list[str]:
-    lines = [f"{res['model_dir']} ({res['arm']}, step {res['step']})"]
+    honesty = "honest" if res.get("tags_honest") else "oracle"
+    lines = [f"{res['model_dir']} ({res['arm']}, step {res['step']}, tags {res.get('tag_source', 'oracle')}: {honesty})"]
     if "heldout" in res:
         h = res["heldout"]
         lines.append(f"  heldout: loss={h['loss']:.4f} ppl={h['perplexity']:.2f} accuracy={h['accuracy']:.4f} "
@@ -424,42 +463,3 @@ def summary_lines(res: dict) -> list[str]:
             lines.append(f"  {task}: " + " ".join(f"{m}={v['accuracy']:.3f}" for m, v in modes.items())
                          + (f" (n={next(iter(modes.values()))['n']})" if modes else " (no items)"))
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lime-jax eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__[__doc__.index("Tasks:"):])
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="default: all")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--cache_dir", default=None, help="cache with spm.model + vocabularies (default: the run's)")
-    p.add_argument("--eval_cache_dir", default=None, help="held-out cache (default: the run's run.eval_cache_dir)")
-    p.add_argument("--max-docs", dest="max_docs", type=int, default=None, help="held-out documents to use")
-    p.add_argument("--addition-n", dest="addition_n", type=int, default=150)
-    p.add_argument("--addition-digits", dest="addition_digits", type=int, default=3)
-    p.add_argument("--reasoning-n", dest="reasoning_n", type=int, default=100)
-    p.add_argument("--cloze-context", dest="cloze_context", type=int, default=32,
-                   help="minimum pieces of context before a cloze word")
-    p.add_argument("--cloze-items", dest="cloze_items", type=int, default=300)
-    p.add_argument("--batch-rows", dest="batch_rows", type=int, default=16)
-    args = p.parse_args(argv)
-    from lime_jax.inference import model_dir
-
-    try:
-        loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)
-        res = evaluate(loaded, args.task, eval_cache_dir=args.eval_cache_dir, max_docs=args.max_docs,
-                       addition_n=args.addition_n, addition_digits=args.addition_digits,
-                       reasoning_n=args.reasoning_n, cloze_context=args.cloze_context,
-                       cloze_items_max=args.cloze_items, batch_rows=args.batch_rows)
-    except (model_dir.ModelDirError, cache_lib.CacheError, ValueError) as e:
-        print(f"lime-jax eval: {e}", file=sys.stderr)
-        return 2
-    path = write_results(args.model_dir, res)
-    print("\n".join(summary_lines(res)))
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,10 @@
-"""`lime-jax report RUN_DIR ... --out DIR`: plots and a markdown summary comparing runs.
+"""Plots and a markdown summary comparing runs (`lime-jax report RUN_DIR ... --out DIR`).
 
-Reads each run's `config.gin` (arm, seed, tokens per step), `metrics.jsonl` (the `eval/...`
-records the trainer writes) and, when present, `eval_results.json` (`lime-jax eval`). Writes
-to `--out`:
+Reads each run's `config.gin` (arm, seed, tokens per step), `tag_sources.json` (where the tags
+of its training and held-out caches came from), `metrics.jsonl` (the `eval/...` records the
+trainer writes, and `eval_<name>/...` for extra held-out sets, e.g. the same documents re-tagged
+by an honest source) and, when present, `eval_results*.json` (`lime-jax eval`). Writes to
+`--out`:
 - `val_accuracy.png`, `val_loss.png`: held-out accuracy and loss against training tokens;
 - `cohesion.png`: held-out accuracy by the target piece's place inside its word;
 - `addition.png`: addition exact match per arm, with and without guidance;
@@ -13,21 +15,30 @@ first reaches the baseline's final held-out accuracy (linear interpolation betwe
 fraction of the baseline's tokens. Runs are paired with the baseline of the same seed when there
 is one (else the first baseline). If a run's first eval already reaches the target, the fraction
 is that eval's tokens (an upper bound, marked `<=`); a run that never reaches it has none.
+
+Oracle or honest: every arm is named by its kind and its tag sources, `lime (oracle)` or
+`lime (oracle, eval prefix)` (trained on oracle tags, evaluated with prefix tags), and marked
+honest only when its held-out tags never saw the text after the predicted piece: an honest
+source (`prefix`, `tagger`) for LIME or the previous-piece arm. LIME+1 sees the tags of the
+piece it predicts, so its figures are never honest. `gain_share` = (acc_arm - acc_baseline) /
+(acc_oracle - acc_baseline), against `lime (oracle)`: the share of the oracle gain an arm keeps.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-ARM_ORDER = ("baseline", "lime", "control(-1)", "lime+1")
-ARM_COLORS = {"baseline": "#444444", "lime": "#1f77b4", "control(-1)": "#ff7f0e", "lime+1": "#2ca02c"}
+ORACLE_ARM = "lime (oracle)"
+ARM_ORDER = ("baseline", ORACLE_ARM, "lime (oracle, eval prefix)", "lime (oracle, eval tagger)", "lime (tagger)",
+             "prev-piece (oracle)", "lime+1 (oracle)")
+_PALETTE = ("#444444", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2",
+            "#bcbd22")
+HONEST_SOURCES = ("prefix", "tagger")
 PLACES = ("1", "2", "3", "4", "5+")
 
 
@@ -36,6 +47,7 @@ class Run:
     path: str
     name: str
     arm: str
+    honest: bool  # its held-out tags never saw the text after the predicted piece
     seed: int
     tokens_per_step: int
     evals: list[tuple[int, float, float]]  # (tokens, accuracy, loss), by step
@@ -54,31 +66,62 @@ class Run:
         return self.evals[-1][0]
 
 
-def load_run(path: str) -> Run:
-    from lime_jax.trainer import metrics as metrics_lib
+def _short(source: str) -> str:
+    return source.split(":", 1)[0]  # tagger:DIR -> tagger
+
+
+def arm_label(kind: str, train_source: str | None, eval_source: str | None) -> tuple[str, bool]:
+    """(`kind (train source[, eval source])`, honest?) of one run's held-out set."""
+    if kind == "baseline":
+        return kind, True
+    base_kind, _, recipe = kind.partition(" ")  # e.g. "lime+1 dropout=0.15"
+    sources = train_source if eval_source == train_source else f"{train_source}, eval {eval_source}"
+    label = f"{base_kind} ({sources})" + (f" {recipe}" if recipe else "")
+    return label, base_kind in ("lime", "prev-piece") and eval_source in HONEST_SOURCES
+
+
+def load_runs(path: str) -> list[Run]:
+    """One Run per held-out set of a run dir: `eval/...` and each extra `eval_<name>/...`."""
+    from lime_jax.annotation.tag_sources import TAG_SOURCES_NAME
     from lime_jax.inference import model_dir
+    from lime_jax.trainer import metrics as metrics_lib
 
     run_cfg = model_dir.read_run_config(path)
     mpath = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(mpath):
         raise ValueError(f"{mpath}: not found (a run dir written by `lime-jax train` has one)")
-    by_step: dict[int, tuple[float, float]] = {}
+    sources = {"train": "oracle", "eval": "oracle"}  # runs from before sources were recorded
+    spath = os.path.join(path, TAG_SOURCES_NAME)
+    if os.path.isfile(spath):
+        with open(spath, encoding="utf-8") as f:
+            sources.update(json.load(f))
+    by_set: dict[str, dict[int, tuple[float, float]]] = {}
     for i, rec in enumerate(metrics_lib.read_jsonl(mpath)):
-        if "eval/accuracy" in rec:
-            try:
-                by_step[int(rec["step"])] = (float(rec["eval/accuracy"]), float(rec["eval/loss"]))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{mpath}: line {i + 1}: bad eval record ({e})") from None
-    if not by_step:
+        for key in rec:
+            if key == "eval/accuracy" or (key.startswith("eval_") and key.endswith("/accuracy")):
+                prefix = key[:-len("/accuracy")]
+                try:
+                    by_set.setdefault(prefix, {})[int(rec["step"])] = (float(rec[key]), float(rec[f"{prefix}/loss"]))
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"{mpath}: line {i + 1}: bad {prefix} record ({e})") from None
+    if "eval" not in by_set:
         raise ValueError(f"{mpath}: no eval/accuracy records (was the run trained with an EVAL_CACHE_DIR?)")
-    evals = [(step * run_cfg.tokens_per_step, acc, loss) for step, (acc, loss) in sorted(by_step.items())]
-    results = None
-    rpath = os.path.join(path, "eval_results.json")
-    if os.path.isfile(rpath):
-        with open(rpath, encoding="utf-8") as f:
-            results = json.load(f)
-    return Run(path=os.path.abspath(path), name=os.path.basename(os.path.normpath(path)), arm=run_cfg.arm,
-               seed=run_cfg.seed, tokens_per_step=run_cfg.tokens_per_step, evals=evals, results=results)
+    results = {}
+    for name in sorted(os.listdir(path)):
+        if name.startswith("eval_results") and name.endswith(".json"):
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                res = json.load(f)
+            results[_short(res.get("tag_source", "oracle"))] = res
+    base = os.path.basename(os.path.normpath(path))
+    runs = []
+    for prefix, by_step in sorted(by_set.items(), key=lambda kv: kv[0] != "eval"):
+        eval_source = _short(sources.get(prefix, "oracle"))
+        arm, honest = arm_label(run_cfg.arm, _short(sources["train"]), eval_source)
+        evals = [(step * run_cfg.tokens_per_step, acc, loss) for step, (acc, loss) in sorted(by_step.items())]
+        runs.append(Run(path=os.path.abspath(path), name=base if prefix == "eval" else f"{base}@{prefix[5:]}",
+                        arm=arm, honest=honest, seed=run_cfg.seed, tokens_per_step=run_cfg.tokens_per_step,
+                        evals=evals, results=results.get(eval_source)))
+    return runs
 
 
 def tokens_to_reach(tokens: Sequence[float], accuracies: Sequence[float], target: float
@@ -98,7 +141,7 @@ def tokens_to_reach(tokens: Sequence[float], accuracies: Sequence[float], target
 
 def data_efficiency(runs: Sequence[Run]) -> dict[str, dict]:
     """Per non-baseline run: `{"fraction", "exact", "baseline", "target_accuracy"}`."""
-    baselines = [r for r in runs if r.arm == "baseline"]
+    baselines = [r for r in runs if r.arm == "baseline" and "@" not in r.name]
     out = {}
     if not baselines:
         return out
@@ -128,7 +171,7 @@ def summarize(runs: Sequence[Run]) -> dict:
     arms = {}
     for arm in _arms(runs):
         rs = [r for r in runs if r.arm == arm]
-        entry = {"runs": [r.name for r in rs], "seeds": sorted({r.seed for r in rs}),
+        entry = {"runs": [r.name for r in rs], "seeds": sorted({r.seed for r in rs}), "honest": rs[0].honest,
                  "final_accuracy": _mean(r.final_accuracy for r in rs),
                  "final_loss": _mean(r.final_loss for r in rs),
                  "final_tokens": _mean(r.final_tokens for r in rs)}
@@ -143,12 +186,23 @@ def summarize(runs: Sequence[Run]) -> dict:
         if add:
             entry["addition"] = {m: _mean(a[m]["accuracy"] for a in add if m in a) for m in add[0]}
         arms[arm] = entry
-    return {"runs": {r.name: {"path": r.path, "arm": r.arm, "seed": r.seed, "final_accuracy": r.final_accuracy,
+    base, oracle = arms.get("baseline"), arms.get(ORACLE_ARM)
+    if base and oracle and oracle["final_accuracy"] != base["final_accuracy"]:
+        for arm, entry in arms.items():
+            if arm != "baseline":
+                entry["gain_share"] = ((entry["final_accuracy"] - base["final_accuracy"])
+                                       / (oracle["final_accuracy"] - base["final_accuracy"]))
+    return {"runs": {r.name: {"path": r.path, "arm": r.arm, "honest": r.honest, "seed": r.seed,
+                              "final_accuracy": r.final_accuracy,
                               "final_loss": r.final_loss, "final_tokens": r.final_tokens} for r in runs},
             "data_efficiency": eff, "arms": arms}
 
 
 # ----------------------------------------------------------------------------- plots
+
+
+def arm_colors(arms) -> dict[str, str]:
+    return {arm: _PALETTE[i % len(_PALETTE)] for i, arm in enumerate(arms)}
 
 
 def _plot_curves(runs: Sequence[Run], summary: dict, key: int, ylabel: str, path: str) -> None:
@@ -161,21 +215,22 @@ def _plot_curves(runs: Sequence[Run], summary: dict, key: int, ylabel: str, path
     seen = set()
     styles = ("-", "--", ":", "-.")
     seeds = sorted({r.seed for r in runs})
+    colors = arm_colors(summary["arms"])
     for r in runs:
-        color = ARM_COLORS.get(r.arm, None)
+        color = colors[r.arm]
         label = r.arm if r.arm not in seen else None
         seen.add(r.arm)
         ax.plot([e[0] / 1e6 for e in r.evals], [e[key] for e in r.evals], styles[seeds.index(r.seed) % 4],
                 color=color, marker="o", markersize=3, label=label, linewidth=1.4)
     if key == 1 and "baseline" in summary["arms"]:
         target = summary["arms"]["baseline"]["final_accuracy"]
-        ax.axhline(target, color=ARM_COLORS["baseline"], linewidth=0.8, linestyle=":",
+        ax.axhline(target, color=colors["baseline"], linewidth=0.8, linestyle=":",
                    label=f"baseline final ({target:.3f})")
         for name, e in summary["data_efficiency"].items():
             if e["tokens"] is not None:
                 arm = summary["runs"][name]["arm"]
                 ax.plot([e["tokens"] / 1e6], [e["target_accuracy"]], marker="*", markersize=11,
-                        color=ARM_COLORS.get(arm), markeredgecolor="black", linestyle="none")
+                        color=colors[arm], markeredgecolor="black", linestyle="none")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel(ylabel)
     title = ylabel
@@ -224,13 +279,24 @@ def _fmt(x, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _tags(arm: str, honest: bool) -> str:
+    if arm == "baseline":
+        return "none"
+    if arm.startswith("lime+1"):
+        return "oracle (its own targets' tags)"
+    return "honest" if honest else "oracle"
+
+
 def markdown(summary: dict, images: dict[str, str]) -> str:
-    lines = ["# lime_jax comparison report", ""]
-    lines += ["## Runs", "", "| run | arm | seed | tokens | final val acc | final val loss |",
-              "|---|---|---|---|---|---|"]
+    lines = ["# lime_jax comparison report", "",
+             "Tags: **oracle** = spaCy over the whole document (sees the text after the predicted piece); "
+             "**honest** = only text up to the piece the model has (`prefix`: spaCy over that text; `tagger`: "
+             "the causal tagger). An arm is named `kind (training tags[, eval held-out tags])`.", ""]
+    lines += ["## Runs", "", "| run | arm | tags | seed | tokens | final val acc | final val loss |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
-        lines.append(f"| {name} | {r['arm']} | {r['seed']} | {r['final_tokens']:,} | {_fmt(r['final_accuracy'])} "
-                     f"| {_fmt(r['final_loss'])} |")
+        lines.append(f"| {name} | {r['arm']} | {_tags(r['arm'], r['honest'])} | {r['seed']} | {r['final_tokens']:,} "
+                     f"| {_fmt(r['final_accuracy'])} | {_fmt(r['final_loss'])} |")
     lines += ["", "## Data efficiency", ""]
     if summary["data_efficiency"]:
         lines += ["Fraction of the baseline's training tokens at which a run first reaches the baseline's "
@@ -240,11 +306,13 @@ def markdown(summary: dict, images: dict[str, str]) -> str:
             frac = "not reached" if e["fraction"] is None else (("" if e["exact"] else "<= ") + f"{e['fraction']:.4f}")
             tok = "-" if e["tokens"] is None else f"{e['tokens']:,.0f}"
             lines.append(f"| {name} | {e['baseline']} | {e['target_accuracy']:.4f} | {tok} | {frac} |")
-        lines += ["", "| arm | mean fraction | runs reaching | mean final val acc |", "|---|---|---|---|"]
+        lines += ["", "| arm | tags | mean fraction | runs reaching | mean final val acc | gain share |",
+                  "|---|---|---|---|---|---|"]
         for arm, a in summary["arms"].items():
             if arm != "baseline":
-                lines.append(f"| {arm} | {_fmt(a.get('tokens_to_baseline_acc'))} | {a.get('reached', 0)}/"
-                             f"{len(a['runs'])} | {_fmt(a['final_accuracy'])} |")
+                lines.append(f"| {arm} | {_tags(arm, a['honest'])} | {_fmt(a.get('tokens_to_baseline_acc'))} | "
+                             f"{a.get('reached', 0)}/{len(a['runs'])} | {_fmt(a['final_accuracy'])} | "
+                             f"{_fmt(a.get('gain_share'), 3)} |")
     else:
         lines.append("No baseline run given: no data-efficiency point.")
     lines += ["", f"![validation accuracy]({images['val_accuracy']})", "",
@@ -256,7 +324,8 @@ def markdown(summary: dict, images: dict[str, str]) -> str:
                   "| arm | " + " | ".join(f"place {p}" for p in PLACES) + " |",
                   "|---|" + "---|" * len(PLACES)]
         for arm, c in coh.items():
-            lines.append(f"| {arm} | " + " | ".join(_fmt(c.get(p)) for p in PLACES) + " |")
+            lines.append(f"| {arm} [{_tags(arm, summary['arms'][arm]['honest'])}] | "
+                         + " | ".join(_fmt(c.get(p)) for p in PLACES) + " |")
         lines += ["", f"![cohesion]({images['cohesion']})", ""]
     else:
         lines += ["No `eval_results.json` in the runs: run `lime-jax eval --model_dir RUN` first.", ""]
@@ -277,7 +346,7 @@ def report(run_dirs: Sequence[str], out: str) -> dict:
     """Loads the runs, writes the plots, report.md and report.json to `out`; returns the summary."""
     if not run_dirs:
         raise ValueError("no run directories given")
-    runs = [load_run(p) for p in run_dirs]
+    runs = [r for p in run_dirs for r in load_runs(p)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # same basename in different parents: use the paths
         for r in runs:
@@ -292,7 +361,7 @@ def report(run_dirs: Sequence[str], out: str) -> dict:
     if coh:
         _plot_bars(PLACES, {arm: [c.get(p) for p in PLACES] for arm, c in coh.items()}, "held-out accuracy",
                    "Token cohesion: accuracy by place of the piece in its word", os.path.join(out, images["cohesion"]),
-                   ARM_COLORS, xlabel="place of the target piece in its word")
+                   arm_colors(summary["arms"]), xlabel="place of the target piece in its word")
         written.append(images["cohesion"])
     add = {arm: a["addition"] for arm, a in summary["arms"].items() if "addition" in a}
     if add:
@@ -311,27 +380,13 @@ def report(run_dirs: Sequence[str], out: str) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lime-jax report", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__[__doc__.index("Reads each"):])
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, help="directory for the plots and report.md")
-    args = p.parse_args(argv)
-    from lime_jax.inference.model_dir import ModelDirError
-
-    try:
-        summary = report(args.run_dirs, args.out)
-    except (ModelDirError, ValueError, OSError) as e:
-        print(f"lime-jax report: {e}", file=sys.stderr)
-        return 2
+def summary_lines(summary: dict) -> list[str]:
+    """One line per arm: its final held-out accuracy and, past the baseline, its data efficiency."""
+    lines = []
     for arm, a in summary["arms"].items():
         extra = "" if arm == "baseline" or "tokens_to_baseline_acc" not in a else \
             f" tokens_to_baseline_acc={_fmt(a['tokens_to_baseline_acc'])}"
-        print(f"{arm}: final_acc={_fmt(a['final_accuracy'])}{extra}")
-    print(f"wrote {os.path.join(os.path.abspath(args.out), 'report.md')} and " + ", ".join(summary["images"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        if "gain_share" in a:
+            extra += f" gain_share={_fmt(a['gain_share'], 3)}"
+        lines.append(f"{arm} [{_tags(arm, a['honest'])}]: final_acc={_fmt(a['final_accuracy'])}{extra}")
+    return lines

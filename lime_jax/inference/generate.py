@@ -1,8 +1,4 @@
-"""`lime-jax generate`: text generation from a trained run, with metadata guidance for LIME+1.
-
-    lime-jax generate --model_dir runs/quickstart/lime --prompt "The President said"
-    lime-jax generate --model_dir DIR --prompt $'Q: What is 12 + 30?\\nA:' --guide "CD CD"
-    lime-jax generate --model_dir DIR --prompt $'Q: What is 12 + 30?\\nA:' --guide-from " 42"
+"""Text generation from a trained run, with metadata guidance for LIME+1 (`lime-jax generate`).
 
 Where the tags of the generated tokens come from depends on the run's metadata shift
 (docs/architecture.md, "Batches"); the output names the source:
@@ -31,10 +27,8 @@ Prompt tags always come from annotating the prompt (with `--guide-from`, prompt 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -257,41 +251,32 @@ def split_prompt(loaded, prompt: str, continuation: str, prompt_feats: np.ndarra
     return full[:, :n], full[:, n:]
 
 
-def make_retagger(loaded) -> Callable[[list[list[int]]], list[np.ndarray]]:
-    """`retag(sequences)`: tags of every piece of each id sequence, by annotating its decoded text.
+def make_retagger(loaded, tagger=None) -> Callable[[list[list[int]]], list[np.ndarray]]:
+    """`retag(sequences)`: tags of every piece of each id sequence, in the model's table order.
 
-    Pieces are mapped to words by character offsets (a piece takes the tags of the word holding
-    its first non-space character), so any segmentation the model produced can be tagged.
+    Without `tagger`, by annotating the decoded text with spaCy: the last column of a generated
+    prefix is the `prefix` tag source's tag of its newest piece (lime_jax.annotation.tag_sources,
+    shared with evaluation). With a loaded causal tagger (`tagger:DIR`), from the tagger, which
+    reads pieces left to right and needs no spaCy.
     """
-    from lime_jax.annotation import align
+    from lime_jax.annotation import tag_sources
 
     tok, annotator = loaded.tokenizer, loaded.processor.annotator
-    names = loaded.cfg.metadata_names
-
-    def retag(seqs: list[list[int]]) -> list[np.ndarray]:
-        texts, spans = [], []
-        for ids in seqs:
-            text = tok.decode(ids)
-            begins = np.array([len(tok.decode(ids[:k])) for k in range(len(ids))], np.int64)
-            ends = np.append(begins[1:], len(text)).astype(np.int64)
-            texts.append(text)
-            spans.append((begins, ends))
-        docs = annotator.annotate(texts)
-        out = []
-        for ids, text, (begins, ends), doc in zip(seqs, texts, spans, docs):
-            by_name = {"pos": doc.pos, "ner": doc.ner}
-            tag_list, _ = align.align_plain(text, begins, ends, tok.has_content[np.asarray(ids, np.int64)],
-                                            doc.starts, doc.ends, [by_name[n] for n in names])
-            out.append(np.stack(tag_list).astype(np.int32))
-        return out
-
-    return retag
+    rows = [tag_sources.TAG_ROWS.index(n) for n in loaded.cfg.metadata_names]
+    if tagger is not None:
+        return lambda seqs: [t[rows] for t in tagger.tag([np.asarray(s, np.int32) for s in seqs])]
+    return lambda seqs: [t[rows] for t in tag_sources.sequence_tags(tok, annotator, seqs)]
 
 
 def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | None = None,
              guide_from: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0) -> dict:
-    """One prompt -> `{"text", "pieces", "tags", "tags_source", "stopped_at_eos", ...}`."""
+             seed: int = 0, tagger=None) -> dict:
+    """One prompt -> `{"text", "pieces", "tags", "tags_source", "stopped_at_eos", ...}`.
+
+    LIME and the previous-piece arm tag the prompt and each generated piece with the loaded causal
+    `tagger` when given (`--tags tagger:DIR`, no spaCy at inference), else by re-annotating the
+    decoded text with spaCy (`--tags prefix`: the prompt's tags then come from spaCy over it).
+    """
     from lime_jax.model.decode import IncrementalDecoder
 
     cfg, shift = loaded.cfg, loaded.shift
@@ -312,7 +297,15 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
     if guide_ids is not None and max_new is not None and guide_ids.shape[1] > max_new:
         raise GuideError(f"the guide has {guide_ids.shape[1]} steps but --max-new is {max_new}: a guide may "
                          "not be longer than the generation (give a larger --max-new or a shorter guide)")
+    if tagger is not None and (not names or shift >= 1):
+        raise ValueError(f"--tags tagger: {loaded.run.model_dir} ({loaded.run.arm}) does not tag generated text; "
+                         "a tagger serves LIME and previous-piece runs")
     prompt_feats = annotate_texts(loaded, [prompt])[0]
+    if tagger is not None and prompt_feats.shape[1]:
+        from lime_jax.annotation.pipeline import FEATURES
+        from lime_jax.annotation.tag_sources import TAG_ROWS
+
+        prompt_feats[[FEATURES.index(f"targets_{n}") for n in TAG_ROWS]] = tagger.tag([prompt_feats[0]])[0]
     if guide_ids is not None:
         source = "guide"
     elif guide_from is not None:
@@ -322,7 +315,8 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
     else:
         source = ("none (baseline)" if not names else
                   "unguided (no metadata for generated steps)" if shift >= 1 else
-                  "re-annotation of the decoded prefix")
+                  f"causal tagger {tagger.directory} (tagger)" if tagger is not None else
+                  "re-annotation of the decoded prefix (prefix)")
     if max_new is None:
         # Room for EOS after a --guide; an oracle guide already ends with the EOS step.
         max_new = 32 if guide_ids is None else guide_ids.shape[1] + (guide_from is None)
@@ -335,7 +329,7 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
         raise ValueError("the prompt tokenizes to no pieces")
     inc = IncrementalDecoder(loaded.model)
     out = decode_batch(inc, shift, [prompt_feats[0]], [prompt_feats[rows]], max_new,
-                       guides=[guide_ids], retag=make_retagger(loaded) if names and shift < 1 else None,
+                       guides=[guide_ids], retag=make_retagger(loaded, tagger) if names and shift < 1 else None,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
     tok = loaded.tokenizer
     tags = [{name: loaded.vocabs[name].tag(int(out.tags[k, j])) for k, name in enumerate(names)}
@@ -359,41 +353,3 @@ def format_result(res: dict) -> str:
         for piece, t in zip(res["pieces"], res["tags"]):
             lines.append(f"{piece:<{width}} " + " ".join(f"{v:<12}" for v in t.values()))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lime-jax generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__[__doc__.index("Where the tags"):])
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--prompt", required=True)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--guide", help="LIME+1: tags of the tokens to come, e.g. 'CD CD .' or JSON")
-    g.add_argument("--guide-from", dest="guide_from", metavar="TEXT",
-                   help="LIME+1: oracle guidance from annotating prompt + TEXT")
-    p.add_argument("--max-new", dest="max_new", type=int, default=None,
-                   help="tokens to generate (default 32; guided: guide length + 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", dest="top_k", type=int, default=0)
-    p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--cache_dir", default=None, help="cache holding spm.model and the tag vocabularies "
-                   "(default: the run's training cache)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = p.parse_args(argv)
-    from lime_jax.inference import model_dir
-
-    try:
-        loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)
-        res = generate(loaded, args.prompt, max_new=args.max_new, guide=args.guide, guide_from=args.guide_from,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except (model_dir.ModelDirError, GuideError, ValueError) as e:
-        print(f"lime-jax generate: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, indent=1) if args.json else format_result(res))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

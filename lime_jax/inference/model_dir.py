@@ -2,7 +2,7 @@
 
 A model dir written by `lime-jax train` holds `config.gin` (the operative config), `metrics.jsonl`
 and `checkpoints/`. The SentencePiece model and the tag vocabularies live beside the training
-cache (`run.cache_dir`, or another cache built with the same settings: `cache_dir=`).
+cache (`DataConfig.cache_dir`, or another cache built with the same settings: `cache_dir=`).
 
 Parameters are restored onto the default device without a mesh: evaluation and generation of
 the model sizes we train on one machine need no sharding, and the decoder's activation
@@ -21,6 +21,11 @@ import gin
 from lime_jax.data import cache as cache_lib
 
 CONFIG_NAME = "config.gin"
+# The run fields read here, by the trainer's config dataclass that holds each (trainer/config.py).
+# Model dirs written before those dataclasses bind them as `run.<field>`.
+_RUN_FIELDS = {"seq_len": "DataConfig", "batch_size": "DataConfig", "metadata_shift": "DataConfig",
+               "metadata_dropout": "DataConfig", "cache_dir": "DataConfig", "eval_cache_dir": "DataConfig",
+               "seed": "TrainConfig"}
 
 
 class ModelDirError(ValueError):
@@ -43,11 +48,12 @@ class RunConfig:
 
     @property
     def arm(self) -> str:
-        """`baseline`, `lime`, `lime+1` or `control(-1)` (any other shift: `lime(shift=N)`), with
-        ` dropout=P` for a run trained with metadata dropout (another recipe, another arm)."""
+        """`baseline`, `lime`, `lime+1` or `prev-piece` (shift -1: each position sees the previous
+        piece's tags; any other shift: `lime(shift=N)`), with ` dropout=P` for a run trained with
+        metadata dropout (another recipe, another arm)."""
         if not self.cfg.metadata:
             return "baseline"
-        arm = {0: "lime", 1: "lime+1", -1: "control(-1)"}.get(self.shift, f"lime(shift={self.shift})")
+        arm = {0: "lime", 1: "lime+1", -1: "prev-piece"}.get(self.shift, f"lime(shift={self.shift})")
         return f"{arm} dropout={self.metadata_dropout:g}" if self.metadata_dropout else arm
 
     @property
@@ -74,19 +80,21 @@ def read_run_config(model_dir: str) -> RunConfig:
         if re.match(r"\s*(import|from|include)\b", line):
             raise ModelDirError(f"{path}: line {line_no}: refusing {line.split()[0]!r} statements in a model "
                                 "dir's config (loading a model dir runs no code from it)")
+    text = re.sub(r"^run\.(\w+)(?=\s*=)", lambda m: f"{_RUN_FIELDS.get(m[1], 'run')}.{m[1]}", text,
+                  flags=re.MULTILINE)
     with gin.unlock_config():
         gin.clear_config()
         try:
             gin.parse_config(text, skip_unknown=True)
             cfg = ModelConfig()
-            run = gin.get_bindings("run")
+            run = {**gin.get_bindings("DataConfig"), **gin.get_bindings("TrainConfig")}
         except (ValueError, TypeError, SyntaxError) as e:
             raise ModelDirError(f"{path}: cannot parse the operative config ({e})") from None
         finally:
             gin.clear_config()
     missing = [k for k in ("seq_len", "batch_size") if k not in run]
     if missing:
-        raise ModelDirError(f"{path}: no binding for run.{missing[0]}")
+        raise ModelDirError(f"{path}: no binding for {_RUN_FIELDS[missing[0]]}.{missing[0]}")
     return RunConfig(model_dir=os.path.abspath(model_dir), cfg=cfg, shift=int(run.get("metadata_shift", 0)),
                      seq_len=int(run["seq_len"]), batch_size=int(run["batch_size"]),
                      seed=int(run.get("seed", 0)), cache_dir=run.get("cache_dir"),
@@ -210,7 +218,7 @@ def save_model_dir(model_dir: str, cfg, params, *, step: int, seq_len: int, batc
     lines = [f"ModelConfig.{f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)]
     run = {"seq_len": seq_len, "batch_size": batch_size, "metadata_shift": shift, "seed": seed,
            "cache_dir": cache_dir, "eval_cache_dir": eval_cache_dir}
-    lines += [f"run.{k} = {v!r}" for k, v in run.items()]
+    lines += [f"{_RUN_FIELDS[k]}.{k} = {v!r}" for k, v in run.items()]
     with open(os.path.join(model_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     mngr = ocp.CheckpointManager(checkpoint.checkpoint_dir(model_dir))

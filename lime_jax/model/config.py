@@ -23,6 +23,11 @@ class ModelConfig:
     `metadata` lists the metadata tables as `(name, table_size)`; the batch feature for a table
     named `pos` is `decoder_input_pos`. An empty tuple is the baseline: the same code with no
     metadata tables. `head_dim=None` means `d_model // n_heads`.
+
+    Two switches of the loss and the embedding ride along so a run config sets them like any
+    model field (off by default): `z_loss` adds `z_loss * mean(logZ^2)` to the objective
+    (PaLM's auxiliary loss, 1e-4 there), and `check_ids` range-checks token and tag ids
+    inside jitted code too, raising an error naming the feature (see `embed.py`).
     """
 
     vocab_size: int = 512
@@ -41,6 +46,8 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     mlp_activation: str = "gelu"
     norm_eps: float = 1e-6
+    z_loss: float = 0.0
+    check_ids: bool = False
 
     def __post_init__(self):
         # gin and JSON hand lists where tuples are meant; normalise so the config stays hashable.
@@ -69,6 +76,11 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.metadata table name {name!r} must match {_NAME_RE.pattern}")
             if size < 2:
                 raise ValueError(f"ModelConfig.metadata table {name!r} needs size >= 2 (0 = PAD), got {size}")
+        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)) or self.z_loss < 0:
+            raise ValueError(f"ModelConfig.z_loss must be a float >= 0, got {self.z_loss!r}")
+        object.__setattr__(self, "z_loss", float(self.z_loss))
+        if not isinstance(self.check_ids, bool):
+            raise TypeError(f"ModelConfig.check_ids must be a bool, got {self.check_ids!r}")
         if self.metadata_weight not in ("fixed", "learned"):
             raise ValueError(
                 f"ModelConfig.metadata_weight must be 'fixed' or 'learned', got {self.metadata_weight!r}")

@@ -7,54 +7,47 @@ code. Metadata is input-only: `attend` (the tied LM head) reads the token table 
 Tag id 0 (PAD) adds nothing: training only puts it on padding, which no loss or real token
 sees, and evaluation and generation use it for "no metadata here" (unguided LIME+1 steps).
 
-Out-of-range ids are never clipped. Three layers of defence, cheapest first:
+Out-of-range ids (negative ones included) are never clipped or wrapped. Three layers of
+defence, cheapest first:
   1. arrays that are concrete (eager calls) are range-checked on the host: ValueError naming
      the feature;
-  2. under `jax.jit` the gather uses mode="fill" with NaN, so a bad id poisons the loss
-     (a NaN the training loop reports) instead of silently reading another row;
-  3. `checked(fn)` wraps any function that calls the model with `jax.experimental.checkify`,
-     turning the same range checks into a runtime error under jit, at the price of one
-     reduction per table and an error value to inspect (`err.throw()`). We chose checkify over
-     a host callback because it stays inside XLA and costs nothing when not requested.
+  2. under `jax.jit` the gather fills NaN for any id outside [0, size), so a bad id poisons
+     the loss (a NaN the training loop reports) instead of silently reading another row;
+  3. `ModelConfig.check_ids` (debugging runs) adds the same range check to traced code as a
+     host callback (`jax.debug.callback`): the jitted call raises an error naming the feature.
+     It costs three reductions and a host round trip per id array per call, so it is off
+     by default. A callback rather than checkify because it needs nothing from the caller: the
+     trainer's step, evaluation and decoding get it from the config alone.
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import checkify
 
 from lime_jax.ids import PAD_ID
 from lime_jax.model.config import ModelConfig
 from lime_jax.model.sharding import Rules, constrain, init_param, resolve_rules
 
-_JIT_CHECKS = contextvars.ContextVar("lime_jax_jit_checks", default=False)
+
+def _raise_if_out_of_range(feature: str, size: int, num_bad, lo, hi) -> None:
+    if int(num_bad):
+        raise ValueError(f"{feature}: {int(num_bad)} id(s) outside [0, {size}) (min {int(lo)}, max "
+                         f"{int(hi)}); the table has {size} rows")
 
 
-def checked(fn: Callable) -> Callable:
-    """Returns `fn'(*args) -> (checkify.Error, fn(*args))` with id range checks active under jit.
+def check_ids(feature: str, ids: jax.Array, size: int, shape: tuple[int, ...] | None = None, *,
+              traced: bool = False) -> None:
+    """Validates dtype, shape and range of an id array; see the module docstring.
 
-    Usage: `err, out = jax.jit(checked(step))(state, batch); err.throw()`.
+    Concrete arrays are range-checked on the host; traced ones only when `traced`
+    (`ModelConfig.check_ids`), by a host callback that raises when the jitted call runs.
     """
-
-    def with_checks(*args, **kwargs):
-        token = _JIT_CHECKS.set(True)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _JIT_CHECKS.reset(token)
-
-    return functools.wraps(fn)(checkify.checkify(with_checks, errors=checkify.user_checks))
-
-
-def check_ids(feature: str, ids: jax.Array, size: int, shape: tuple[int, ...] | None = None) -> None:
-    """Validates dtype, shape and range of an id array; see the module docstring."""
     if not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(
             f"{feature}: expected an integer array, got {getattr(ids, 'dtype', type(ids).__name__)}")
@@ -63,25 +56,31 @@ def check_ids(feature: str, ids: jax.Array, size: int, shape: tuple[int, ...] | 
     if shape is None and ids.ndim != 2:
         raise ValueError(f"{feature}: expected shape [batch, length], got {tuple(ids.shape)}")
     if isinstance(ids, jax.core.Tracer):
-        if _JIT_CHECKS.get():
-            checkify.check(
-                jnp.all((ids >= 0) & (ids < size)),
-                f"{feature}: ids outside [0, {size}) (min {{lo}}, max {{hi}})",
-                lo=jnp.min(ids), hi=jnp.max(ids))
+        if traced and ids.size:
+            num_bad = jnp.sum((ids < 0) | (ids >= size))
+            jax.debug.callback(functools.partial(_raise_if_out_of_range, feature, size),
+                               num_bad, jnp.min(ids), jnp.max(ids))
         return
     if not getattr(ids, "is_fully_addressable", True):
-        return  # a multi-host global array: only jit (NaN fill or `checked`) can see it all
+        return  # a multi-host global array: only jit (NaN fill or `check_ids`) can see it all
     host = np.asarray(ids)
-    bad = (host < 0) | (host >= size)
-    if bad.any():
-        raise ValueError(
-            f"{feature}: {int(bad.sum())} id(s) outside [0, {size}) (min {host.min()}, max "
-            f"{host.max()}); the table has {size} rows")
+    if host.size:
+        _raise_if_out_of_range(feature, size, np.sum((host < 0) | (host >= size)), host.min(), host.max())
 
 
 def _lookup(table_VxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
-    # mode="fill": an out-of-range id reads NaN rather than a clipped, valid-looking row.
-    return jnp.take(table_VxD, ids_BxL, axis=0, mode="fill", fill_value=jnp.nan)
+    # An id outside [0, V) reads NaN rather than a clipped, valid-looking row; numpy-style
+    # wrapping would make -1 read row V-1, so it is turned off.
+    return table_VxD.at[ids_BxL].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+
+
+# Folded into the token table's key to start the metadata tables' stream (any fixed constant).
+_METADATA_STREAM = 0x11E7A
+
+
+def metadata_key(token_key: jax.Array, table_index: int) -> jax.Array:
+    """The init key of metadata table `table_index`: independent of every key drawn from `rngs`."""
+    return jax.random.fold_in(jax.random.fold_in(token_key, _METADATA_STREAM), table_index)
 
 
 class LimeEmbed(nnx.Module):
@@ -93,11 +92,15 @@ class LimeEmbed(nnx.Module):
         # std 1/sqrt(d): rows have norm ~1, and the sqrt(d) input scale in __call__ gives unit
         # rms activations; the tied head then starts with unit-scale logits.
         std, pdt = 1.0 / math.sqrt(cfg.d_model), cfg.param_dtype
-        self.token = init_param(rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt, std=std)
-        # Metadata tables use the token table's initializer (DESIGN.md) and are replicated.
+        token_key = rngs.params()
+        self.token = init_param(token_key, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt, std=std)
+        # Metadata tables use the token table's initializer (docs/design.md section 1) and are
+        # replicated. Their keys come from a stream of their own (folded from the token table's
+        # key) and take nothing from `rngs`: a LIME model and the baseline with the same seed start
+        # from identical other weights, so a comparison is paired.
         self.tables = nnx.Dict({
-            name: init_param(rngs.params(), (size, cfg.d_model), ("tags", None), pdt, std=std)
-            for name, size in cfg.metadata})
+            name: init_param(metadata_key(token_key, k), (size, cfg.d_model), ("tags", None), pdt, std=std)
+            for k, (name, size) in enumerate(cfg.metadata)})
         if cfg.metadata_weight == "learned":
             self.weights = nnx.Dict({
                 name: init_param(None, (), (), pdt, fill=cfg.metadata_weight_init)
@@ -107,7 +110,7 @@ class LimeEmbed(nnx.Module):
 
     def __call__(self, ids_BxL: jax.Array, metadata: Mapping[str, jax.Array] | None = None) -> jax.Array:
         cfg = self.cfg
-        check_ids("tokens", ids_BxL, cfg.vocab_size)
+        check_ids("tokens", ids_BxL, cfg.vocab_size, traced=cfg.check_ids)
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a mapping name -> [B, L] tag ids, got {type(metadata).__name__}")
@@ -128,7 +131,7 @@ class LimeEmbed(nnx.Module):
         x_BxLxD = _lookup(token_VxD, ids_BxL)
         for name, size in cfg.metadata:
             tags_BxL = metadata[name]
-            check_ids(f"metadata {name!r}", tags_BxL, size, shape=ids_BxL.shape)
+            check_ids(f"metadata {name!r}", tags_BxL, size, shape=ids_BxL.shape, traced=cfg.check_ids)
             table_TxD = self.tables[name][...].at[PAD_ID].set(0)
             e_BxLxD = _lookup(table_TxD, tags_BxL)
             if self.weights is not None:

@@ -48,9 +48,10 @@ def metadata_from_batch(
 
 
 def loss_and_metrics(
-    model, batch: Mapping[str, jax.Array], *, z_loss: float = 0.0, allow_unused_metadata: bool = False
+    model, batch: Mapping[str, jax.Array], *, allow_unused_metadata: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked mean cross entropy (f32) over `decoder_loss_weights`, plus `z_loss * mean(logZ^2)`.
+    """Masked mean cross entropy (f32) over `decoder_loss_weights`, plus `z_loss * mean(logZ^2)`
+    with `z_loss` from the model's config.
 
     Metrics (f32 scalars): `loss` (cross entropy only), `loss_sum`, `z_loss`, `num_tokens`
     (sum of weights), `num_correct` (weighted argmax hits). The returned loss is the objective
@@ -62,7 +63,8 @@ def loss_and_metrics(
     metadata = metadata_from_batch(model.cfg, batch, allow_unused_metadata)
     shape = tuple(batch["decoder_input_tokens"].shape)
     targets_BxL, weights_BxL = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    check_ids("decoder_target_tokens", targets_BxL, model.cfg.vocab_size, shape=shape)
+    check_ids("decoder_target_tokens", targets_BxL, model.cfg.vocab_size, shape=shape,
+              traced=model.cfg.check_ids)
     if tuple(weights_BxL.shape) != shape:
         raise ValueError(f"decoder_loss_weights: expected shape {shape}, got {tuple(weights_BxL.shape)}")
     weights_BxL = weights_BxL.astype(jnp.float32)
@@ -72,12 +74,14 @@ def loss_and_metrics(
 
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    # Like the embedding lookups: a target outside [0, V), negative too, reads NaN.
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1, mode="fill",
+                                           fill_value=jnp.nan, wrap_negative_indices=False)[..., 0]
     ce_sum = jnp.sum((logz_BxL - target_logit_BxL) * weights_BxL)
     num_tokens = jnp.sum(weights_BxL)
     denom = jnp.maximum(num_tokens, 1.0)
     ce = ce_sum / denom
-    z_term = z_loss * jnp.sum(jnp.square(logz_BxL) * weights_BxL) / denom
+    z_term = model.cfg.z_loss * jnp.sum(jnp.square(logz_BxL) * weights_BxL) / denom
     correct = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
     metrics = {
         "loss": ce,
@@ -96,7 +100,6 @@ def jit_loss_fn(
     rules: sharding.Rules | None = None,
     *,
     with_grad: bool = True,
-    z_loss: float = 0.0,
 ) -> Callable:
     """One `jax.jit` of forward + loss (+ gradients) with in/out shardings (what pjit was).
 
@@ -109,7 +112,7 @@ def jit_loss_fn(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def objective(state, batch):
-        return loss_and_metrics(nnx.merge(graphdef, state), batch, z_loss=z_loss)
+        return loss_and_metrics(nnx.merge(graphdef, state), batch)
 
     if with_grad:
         def step(state, batch):

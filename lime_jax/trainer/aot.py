@@ -1,20 +1,16 @@
-"""`lime-jax aot`: lower and compile the train step of a config for a mesh of the intended size,
-on a machine that has none of those devices, and print its memory per device.
+"""Lower and compile the train step of a config for a mesh of the intended size, on a machine
+that has none of those devices, and report its memory per device (`lime-jax aot`).
 
-    lime-jax aot --gin_file runs/gpu.gin --gin_file models/1b.gin --mesh 1,16,1
-    lime-jax aot --gin_file runs/tpu_pod.gin --gin_file models/2b.gin --mesh 1,32,1 --gin.BATCH_SIZE=256
-
-The step is the trainer's own (`train.make_train_step` with the trainer's in/out shardings and
-donation), fed abstract `ShapeDtypeStruct`s: nothing is allocated. When this process has
-fewer devices than the mesh, the command re-runs itself in a subprocess with that many fake CPU
-devices (`--xla_force_host_platform_device_count`), so XLA's SPMD partitioner really splits the
-program over the mesh. The memory figures come from `compiled.memory_analysis()` (per device;
+The step is the trainer's own (`step.make_train_step` under `step.jit_train_step`: the
+trainer's in/out shardings and donation), fed abstract `ShapeDtypeStruct`s: nothing is
+allocated. When this process has fewer devices than the mesh, `compile_config` compiles in a
+subprocess with that many fake CPU devices (`--xla_force_host_platform_device_count`), so XLA's
+SPMD partitioner really splits the program over the mesh. The memory figures come from `compiled.memory_analysis()` (per device;
 CPU buffer assignment, so a guide to what a GPU/TPU will need, not a guarantee) next to an
 analytic estimate: parameters + gradients + optimizer state per device, plus activations.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,15 +21,9 @@ from typing import Any
 
 GiB = 1 << 30
 _RESULT_PREFIX = "AOT_RESULT "
-
-
-def _gin_value(name: str):
-    import gin
-
-    value = gin.query_parameter(name)
-    if isinstance(value, gin.config.ConfigurableReference):  # a %MACRO
-        value = value.scoped_configurable_fn()
-    return value
+_CHILD_ENV = "LIME_JAX_AOT_CHILD"
+# The trainer's required macros; compiling reads none of them.
+_PLACEHOLDERS = ("MODEL_DIR = 'unused'", "CACHE_DIR = 'unused'", "TRAIN_STEPS = 100000")
 
 
 def _abstract_batch(cfg, batch_size: int, seq_len: int, sharding) -> dict[str, Any]:
@@ -77,19 +67,20 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     no compile, no memory analysis.
     """
     import jax
-    import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+    from jax.sharding import AbstractMesh, AxisType
 
-    from lime_jax.trainer import optim
-    from lime_jax.trainer import train as train_lib
     from lime_jax.model import ModelConfig, abstract_model, sharding
+    from lime_jax.trainer import optim
+    from lime_jax.trainer import state as state_lib
+    from lime_jax.trainer import step as step_lib
+    from lime_jax.trainer.config import DataConfig, TrainConfig
 
     cfg = ModelConfig()
     opt_cfg = optim.OptimizerConfig()
+    data = DataConfig()
     rules = sharding.sharding_rules()
-    batch_size, seq_len = int(_gin_value("run.batch_size")), int(_gin_value("run.seq_len"))
-    train_steps = int(_gin_value("run.train_steps"))
+    batch_size, seq_len = data.batch_size, data.seq_len
     shape = tuple(int(s) for s in mesh_shape)
     if -1 in shape:
         raise ValueError(f"--mesh {shape}: give every axis size (no -1); AOT has no devices to infer it from")
@@ -97,7 +88,7 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     data_shards = shape[0] * shape[1]  # the batch is split over (data, fsdp)
     accum = opt_cfg.grad_accum_steps
     if batch_size % (data_shards * accum):
-        raise ValueError(f"run.batch_size={batch_size} does not split into {accum} micro-batches "
+        raise ValueError(f"DataConfig.batch_size={batch_size} does not split into {accum} micro-batches "
                          f"over the {data_shards} batch shards of mesh {shape}")
     concrete = compile_ and jax.device_count() >= n
     if concrete:
@@ -106,26 +97,13 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
         mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
     graphdef, abstract_params = abstract_model(cfg, rules)
-    tx, schedule = optim.make_optimizer(opt_cfg, train_steps)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    param_sh = sharding.state_shardings(abstract_params, mesh, rules)
-    opt_sh = sharding.state_shardings(abstract_opt, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    train_sh = {"step": replicated, "rng": replicated}
+    tx, schedule = optim.make_optimizer(opt_cfg, TrainConfig().train_steps)
+    abstract = state_lib.abstract_train_state(abstract_params, tx)
+    state_sh = state_lib.train_state_shardings(abstract, mesh, rules)
     data_sh = sharding.batch_sharding(mesh, rules)
-
-    def with_sh(tree, shs):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shs)
-
-    abstract_train = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                      "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
-    step_fn = jax.jit(
-        train_lib.make_train_step(graphdef, tx, schedule, opt_cfg.grad_accum_steps),
-        in_shardings=(param_sh, opt_sh, train_sh, data_sh),
-        out_shardings=(param_sh, opt_sh, train_sh, replicated),
-        donate_argnums=(0, 1, 2))
-    args = (with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh), abstract_train,
-            _abstract_batch(cfg, batch_size, seq_len, data_sh))
+    step_fn = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, tx, schedule, accum, data.metadata_dropout), state_sh, data_sh)
+    args = (state_lib.with_shardings(abstract, state_sh), _abstract_batch(cfg, batch_size, seq_len, data_sh))
     if concrete:
         lowered = step_fn.lower(*args)
     else:  # no devices to infer the platform from
@@ -133,8 +111,8 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
             lowered = step_fn.trace(*args).lower(lowering_platforms=(platform,))
 
     n_params = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(abstract_params))
-    params_b = _per_device_bytes(abstract_params, param_sh)
-    opt_b = _per_device_bytes(abstract_opt, opt_sh)
+    params_b = _per_device_bytes(abstract.params, state_sh.params)
+    opt_b = _per_device_bytes(abstract.opt_state, state_sh.opt_state)
     local_batch = batch_size // (data_shards * accum)  # rows per device per micro-batch
     act_b = activation_estimate(cfg, local_batch, seq_len)
     out: dict[str, Any] = {
@@ -182,83 +160,64 @@ def format_report(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parse_mesh(text: str) -> tuple[int, int, int]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or any(s < 1 for s in shape):
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected DATA,FSDP,TENSOR positive ints, e.g. 1,16,1")
-    return shape  # type: ignore[return-value]
+class AotError(RuntimeError):
+    """The mesh cannot be compiled here: too few devices, or the fake-device subprocess failed."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lime-jax aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gin_file", action="append", default=[], required=True,
-                   help="gin config file (repeatable), e.g. runs/gpu.gin then models/1b.gin")
-    p.add_argument("--gin_bindings", action="append", default=[], help="a gin binding line (repeatable)")
-    p.add_argument("--mesh", type=_parse_mesh, required=True, help="DATA,FSDP,TENSOR mesh, e.g. 1,16,1")
-    p.add_argument("--lower_only", action="store_true", help="lower against an AbstractMesh; skip compile")
-    p.add_argument("--platform", choices=["cpu", "cuda", "tpu"], default="cpu",
-                   help="target of --lower_only lowering")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    return p
+def compile_config(gin_files: Sequence[str], bindings: Sequence[str], mesh_shape: Sequence[int],
+                   compile_: bool = True, platform: str = "cpu", timeout_s: float | None = None
+                   ) -> dict[str, Any]:
+    """Parses the gin files + bindings and runs `compile_train_step` for `mesh_shape`.
+
+    With fewer devices than the mesh on CPU, compiles in a subprocess with that many fake CPU
+    devices. The trainer's required paths do not matter for compiling: placeholders fill them,
+    and `bindings` win over them.
+    """
+    import jax
+
+    from lime_jax.trainer import train  # noqa: F401 (registers every configurable a run config binds)
+    from lime_jax.trainer.gin_config import parse_gin
+
+    shape = tuple(int(s) for s in mesh_shape)
+    n = math.prod(shape)
+    if compile_ and jax.device_count() < n:
+        if jax.default_backend() != "cpu" or os.environ.get(_CHILD_ENV):
+            raise AotError(f"mesh {shape} needs {n} devices, this process has "
+                           f"{jax.device_count()} {jax.default_backend()} devices")
+        return run_in_subprocess(gin_files, bindings, shape, timeout_s)
+    parse_gin(gin_files, [*_PLACEHOLDERS, *bindings])
+    return compile_train_step(shape, compile_=compile_, platform=platform)
 
 
-def run_in_subprocess(argv: Sequence[str], devices: int, timeout_s: float | None = None) -> dict[str, Any]:
-    """Runs `lime-jax aot argv` in a fresh process with `devices` fake CPU devices."""
+def run_in_subprocess(gin_files: Sequence[str], bindings: Sequence[str], mesh_shape: Sequence[int],
+                      timeout_s: float | None = None) -> dict[str, Any]:
+    """`compile_config` in a fresh process with one fake CPU device per mesh position."""
+    devices = math.prod(mesh_shape)
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
-    proc = subprocess.run([sys.executable, "-m", "lime_jax.trainer.aot", *argv, "--json"], env=env,
+    env[_CHILD_ENV] = "1"  # a child that still lacks devices fails instead of recursing
+    spec = json.dumps({"gin_files": list(gin_files), "bindings": list(bindings), "mesh": list(mesh_shape)})
+    proc = subprocess.run([sys.executable, "-m", "lime_jax.trainer.aot", spec], env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT_PREFIX):
             return json.loads(line[len(_RESULT_PREFIX):])
-    raise RuntimeError(f"lime-jax aot {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise AotError(f"compiling {' + '.join(gin_files)} for mesh {tuple(mesh_shape)} with {devices} fake devices "
+                   f"failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    from lime_jax.trainer import train as train_lib
-
+def _child_main(spec: str) -> int:
+    """The subprocess of `run_in_subprocess`: compile one JSON spec, print the result as JSON."""
+    args = json.loads(spec)
     try:
-        _, flag_bindings = train_lib.parse_flags(["--gin_file", "unused", *rest])
-    except SystemExit:
-        return 2
-    # The trainer's required paths do not matter for compiling; the user's bindings win.
-    bindings = ["MODEL_DIR = 'unused'", "CACHE_DIR = 'unused'", "TRAIN_STEPS = 100000",
-                *args.gin_bindings, *flag_bindings]
-    n = math.prod(args.mesh)
-    import jax
-
-    if not args.lower_only and jax.device_count() < n:
-        if jax.default_backend() != "cpu" or os.environ.get("LIME_JAX_AOT_CHILD"):
-            print(f"lime-jax aot: mesh {args.mesh} needs {n} devices, this process has "
-                  f"{jax.device_count()} {jax.default_backend()} devices", file=sys.stderr)
-            return 1
-        os.environ["LIME_JAX_AOT_CHILD"] = "1"
-        try:
-            result = run_in_subprocess(argv, n)
-        except RuntimeError as e:
-            print(f"lime-jax aot: {e}", file=sys.stderr)
-            return 1
-    else:
-        try:
-            train_lib.parse_gin(args.gin_file, bindings)
-            result = compile_train_step(args.mesh, compile_=not args.lower_only, platform=args.platform)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"lime-jax aot: {e}", file=sys.stderr)
-            return 1
-    name = " + ".join(os.path.basename(f) for f in args.gin_file)
-    if args.json:
-        print(_RESULT_PREFIX + json.dumps(result))
-    else:
-        print(format_report(name, result))
+        result = compile_config(args["gin_files"], args["bindings"], args["mesh"])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lime-jax aot: {e}", file=sys.stderr)
+        return 1
+    print(_RESULT_PREFIX + json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_child_main(sys.argv[1]))

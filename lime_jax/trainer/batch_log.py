@@ -25,7 +25,7 @@ def batch_digest(batch: Mapping[str, np.ndarray]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lime_jax.trainer import train
+    from lime_jax.cli import train
     from lime_jax.data import loader
 
     path = os.environ[ENV_VAR]

@@ -1,10 +1,11 @@
 """Orbax checkpoints of a training run: one step directory holds everything needed to resume.
 
-Items in each checkpoint (`<model_dir>/checkpoints/<step>/`):
+Items in each checkpoint (`<model_dir>/checkpoints/<step>/`), from one `state.TrainState`:
 - `params`: model parameters (NNX state), restored sharded onto the current mesh;
 - `opt_state`: the optimizer state;
 - `train`: `{"step": int32, "rng": uint32 key data}`;
-- `data`: the Grain iterator state (one JSON file per process, via Grain's Orbax handler);
+- `data`: the data iterator's state (a Grain `DatasetIterator`: the loader's, or SeqIO's via
+  `data.seqio_source`), one JSON file per process, via Grain's Orbax handler;
 - `lime_jax_seal.json`: size and sha256 of every file above (written by lime_jax).
 
 Saves are async (arrays are copied off-device before `save` returns, files are written in the
@@ -21,7 +22,6 @@ Nothing here unpickles: Orbax reads OCDBT/zarr arrays and JSON, Grain reads JSON
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +32,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
+
+from lime_jax.hashing import sha256_file
+from lime_jax.trainer.state import TrainState
 
 log = logging.getLogger("lime_jax.trainer.checkpoint")
 
@@ -56,24 +59,10 @@ def checkpoint_dir(model_dir: str) -> str:
     return os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR)
 
 
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStruct tree carrying a sharding per leaf: the restore target for Orbax."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def _grain_args():
     import grain.checkpoint as gc  # registers Grain's handler with Orbax
 
     return gc.CheckpointSave, gc.CheckpointRestore
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sealed_files(step_dir: str) -> list[str]:
@@ -86,7 +75,7 @@ def _sealed_files(step_dir: str) -> list[str]:
 def write_seal(step_dir: str) -> None:
     """Records size and sha256 of every file of a written step directory (atomically)."""
     files = {rel: {"bytes": os.path.getsize(os.path.join(step_dir, rel)),
-                   "sha256": _sha256(os.path.join(step_dir, rel))} for rel in _sealed_files(step_dir)}
+                   "sha256": sha256_file(os.path.join(step_dir, rel))} for rel in _sealed_files(step_dir)}
     tmp = os.path.join(step_dir, f".{SEAL_NAME}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"format": "lime_jax.seal.v1", "files": files}, f, indent=0, sort_keys=True)
@@ -120,7 +109,7 @@ def check_step_dir(step_dir: str, required_items: tuple[str, ...] = REQUIRED_ITE
         size = os.path.getsize(path)
         if size != want["bytes"]:
             return f"file {rel} has {size} bytes, sealed with {want['bytes']} (truncated or rewritten)"
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"file {rel} does not match its sha256 in {SEAL_NAME} (corrupt or edited)"
     extra = sorted(set(_sealed_files(step_dir)) - set(files))
     if extra:  # Orbax reads some files by name (e.g. an item's `checkpoint`): refuse additions
@@ -187,7 +176,7 @@ class Checkpointer:
                 f"{type(e).__name__}: {e}; the checkpoints already committed are untouched "
                 f"(steps {self.all_steps()})") from e
 
-    def save(self, step: int, params: Any, opt_state: Any, train: Any, data_iter: Any | None,
+    def save(self, step: int, state: TrainState, data_iter: Any | None,
              metrics: dict[str, float] | None = None) -> None:
         """Starts an async save of `step`; returns once the arrays are off the device.
 
@@ -195,9 +184,9 @@ class Checkpointer:
         """
         self._check_previous_save()
         items = {
-            "params": ocp.args.StandardSave(params),
-            "opt_state": ocp.args.StandardSave(opt_state),
-            "train": ocp.args.StandardSave(train),
+            "params": ocp.args.StandardSave(state.params),
+            "opt_state": ocp.args.StandardSave(state.opt_state),
+            "train": ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         }
         if data_iter is not None:
             save_cls, _ = _grain_args()
@@ -211,27 +200,26 @@ class Checkpointer:
         if not self._async and jax.process_index() == 0:
             write_seal(self.step_dir(step))  # sync saves are committed when save() returns
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any,
-                abstract_train: Any, data_iter: Any | None) -> tuple[Any, Any, Any]:
-        """Restores `step` (unchecked) onto the shardings carried by the abstract trees.
+    def restore(self, step: int, abstract: TrainState, data_iter: Any | None) -> TrainState:
+        """Restores `step` (unchecked) onto the shardings carried by `abstract`'s leaves
+        (`state.with_shardings`).
 
-        `data_iter` (a fresh Grain iterator) is set to the saved position in place.
+        `data_iter` (a fresh iterator) is set to the saved position in place.
         """
         items = {
-            "params": ocp.args.StandardRestore(abstract_params),
-            "opt_state": ocp.args.StandardRestore(abstract_opt_state),
-            "train": ocp.args.StandardRestore(abstract_train),
+            "params": ocp.args.StandardRestore(abstract.params),
+            "opt_state": ocp.args.StandardRestore(abstract.opt_state),
+            "train": ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng}),
         }
         if data_iter is not None:
             _, restore_cls = _grain_args()
             items["data"] = restore_cls(data_iter)
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        return out["params"], out["opt_state"], out["train"]
+        return TrainState(params=out["params"], opt_state=out["opt_state"],
+                          step=out["train"]["step"], rng=out["train"]["rng"])
 
-    def restore_newest_intact(self, abstract_params: Any, abstract_opt_state: Any,
-                              abstract_train: Any, data_iter: Any | None
-                              ) -> tuple[int, tuple[Any, Any, Any]]:
-        """Restores the newest checkpoint whose files match their seal: `(step, (params, opt, train))`.
+    def restore_newest_intact(self, abstract: TrainState, data_iter: Any | None) -> tuple[int, TrainState]:
+        """Restores the newest checkpoint whose files match their seal: `(step, state)`.
 
         Each damaged newer one is reported in a warning and moved to `checkpoints.damaged/`
         (so the run can save that step again); raises CheckpointError if none is intact.
@@ -242,11 +230,11 @@ class Checkpointer:
             problem = check_step_dir(self.step_dir(step), required)
             if problem is None:
                 try:
-                    state = self.restore(step, abstract_params, abstract_opt_state, abstract_train, data_iter)
+                    state = self.restore(step, abstract, data_iter)
                 except Exception as e:  # sealed but unreadable here (e.g. another model config)
                     raise CheckpointError(f"checkpoint {self.step_dir(step)} is intact but cannot be "
                                           f"restored into this run: {type(e).__name__}: {e}") from e
-                saved_step = int(state[2]["step"])
+                saved_step = int(state.step)
                 if saved_step == step:
                     self._quarantine([s for s, _ in problems])
                     return step, state
@@ -288,7 +276,7 @@ def restore_params(model_dir: str, abstract_params: Any, step: int | None = None
     """Restores only the parameters (for evaluation or generation): `(params, step)`.
 
     `abstract_params` is an abstract NNX state (e.g. from `nnx.eval_shape`); its leaves may be
-    `jax.ShapeDtypeStruct`s with shardings (see `with_shardings`), otherwise arrays land on the
+    `jax.ShapeDtypeStruct`s with shardings (see `state.with_shardings`), otherwise arrays land on the
     default device. `step=None` takes the newest intact checkpoint (warning about damaged newer
     ones); a given step must be intact. Raises CheckpointError otherwise.
     """

@@ -20,11 +20,11 @@ import logging
 import math
 import os
 import struct
-import sys
-import time
 from collections.abc import Iterator, Mapping
 
-log = logging.getLogger("lime_jax.trainer.train")
+from lime_jax import progress as progress_lib
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak per device (FLOP/s) for the MFU denominator when none is configured. CPU has
 # no meaningful datasheet peak: there MFU is only reported when a peak is given (the benchmark
@@ -172,56 +172,10 @@ def _tfrecords(path: str) -> Iterator[bytes]:
             yield payload
 
 
-class Progress:
-    """A tqdm bar with ETA on an interactive terminal; plain log lines every `log_every` else."""
+class Progress(progress_lib.Progress):
+    """The training-step bar: on no terminal, `step N/T loss=... eta=...` every `log_every` steps
+    (and at the last) in the trainer's log."""
 
     def __init__(self, total_steps: int, start_step: int, log_every: int, enabled: bool = True):
-        self.total = total_steps
-        self.log_every = max(1, log_every)
-        self.enabled = enabled
-        self._bar = None
-        self._t0: float | None = None
-        self._start = start_step
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, scalars: Mapping[str, float]) -> None:
-        """`step` = steps completed so far; `scalars` = the latest fetched metrics."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.n = step
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
-            self._bar.refresh()
-            return
-        if step % self.log_every and step != self.total:
-            return
-        if self._t0 is None:  # rate from the first reported step on: excludes compilation
-            self._t0, self._start = time.perf_counter(), step
-        done = step - self._start
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        parts = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-        log.info("step %d/%d %s eta=%s", step, self.total, parts, _fmt_seconds(eta))
-
-    def write(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(message)
-        else:
-            log.info("%s", message)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _fmt_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+        super().__init__(total_steps, "step", initial=start_step, every_n=log_every, enabled=enabled,
+                         log=lambda line: log.info("%s", line))
