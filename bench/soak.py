@@ -3,7 +3,7 @@
     python bench/soak.py                 # 30 minutes, a checkpoint a minute, a kill every 5
     python bench/soak.py --minutes 6     # the same, scaled: intervals are minutes/30 and /6
 
-The trainer runs as `python -m lime_jax.trainer.batch_log` subprocesses (`lime-jax train` logging a
+The trainer runs as `python -m lime_jax.cli.batch_log` subprocesses (`lime-jax train` logging a
 digest of every batch it takes). Every kill interval (randomised +-20%, seeded) the live process gets SIGKILL and a new
 one resumes from the model dir; at the end the last one gets SIGTERM (save and exit 0). Then:
 - exact: every process took exactly the batches an uninterrupted loader yields from the step
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from lime_jax.trainer import batch_log
+from lime_jax.cli import batch_log
 
 VOCAB = 512
 TRAIN_STEPS = 1_000_000  # the schedule's horizon; runs stop by time
@@ -86,7 +86,7 @@ def _life(args, model_dir, cache_dir, checkpoint_every, index, seconds, final: b
     env = dict(os.environ, **{batch_log.ENV_VAR: log_path})
     with open(err_path, "w") as err:
         # Not the repo: gin would take a stray `runs/` directory there for its config package.
-        proc = subprocess.Popen([sys.executable, "-m", "lime_jax.trainer.batch_log", *argv], cwd=model_dir, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "lime_jax.cli.batch_log", *argv], cwd=model_dir, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
     t_end = time.time() + seconds
     rss_first_ckpt = None

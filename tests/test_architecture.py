@@ -18,9 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("lime_jax", "tasks")
-# Entry points may import the command line; library modules may not. batch_log runs as
-# `python -m lime_jax.trainer.batch_log`: `lime-jax train` plus a log of its batches.
-ENTRY_POINTS = ("lime_jax.__main__", "lime_jax.trainer.batch_log")
+# Entry points may import the command line; library modules may not.
+ENTRY_POINTS = ("lime_jax.__main__",)
 
 
 @dataclasses.dataclass(frozen=True)

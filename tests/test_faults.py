@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from lime_jax.trainer import batch_log
+from lime_jax.cli import batch_log
 from lime_jax.trainer import checkpoint as ckpt_lib
 from lime_jax.trainer import metrics as metrics_lib
 from lime_jax.cli import train as cli_train
@@ -126,7 +126,7 @@ def _spawn(bindings, log_path, stderr_path):
                JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(os.path.dirname(log_path)), "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     with open(stderr_path, "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "lime_jax.trainer.batch_log", *_argv(bindings)],
+        return subprocess.Popen([sys.executable, "-m", "lime_jax.cli.batch_log", *_argv(bindings)],
                                 cwd=os.path.dirname(log_path), env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 

@@ -49,7 +49,7 @@ def test_prefix_retag_keeps_pieces_and_names_the_source(oracle_cache, tmp_path, 
     assert changed > 0  # prefix tags differ from oracle ones somewhere on these sentences
     # Same settings again: a no-op; other settings: an error unless overwrite.
     assert retag_cache(oracle_cache, out, tag_sources.PREFIX)["shards"] == manifest["shards"]
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other inputs or settings"):
         retag_cache(oracle_cache, out, tag_sources.PREFIX, window=4)
 
 

@@ -35,7 +35,7 @@ def source_fn(spec: str, processor: DocumentProcessor) -> tag_sources.TagFn:
     source = parse_tag_source(spec)
     tagger = None
     if source.kind == "tagger":
-        from lime_jax.tagger import CausalTagger
+        from lime_jax.tagger.infer import CausalTagger
 
         tagger = CausalTagger.load(source.path)
         tagger.check_spm(processor.tokenizer.path)

@@ -185,3 +185,34 @@ def test_cli_round_trip(cache_dir, tmp_path, capsys):
     assert cli.main(["tagger", "eval", "--tagger", out, "--cache", str(tmp_path / "none")]) == 2
     assert "cache directory does not exist" in capsys.readouterr().err
     assert jax.device_count() == 8  # the tagger ran sharded over conftest's 8 CPU devices
+
+
+def test_tagger_as_a_tag_source_for_show_and_retagging(tagger_dir, tagger, cache_dir, spm_model, tmp_path, capsys):
+    """`--tags tagger:DIR` end to end: `show` prints its tags, `annotate --from-cache --tagger`
+    writes them into a cache with the same pieces, and the manifest names the source."""
+    import json
+
+    from lime_jax.cli import annotate, show
+
+    assert show.main(["--spm", spm_model, "--tags", f"tagger:{tagger_dir}", "--json", "Congress shall act."]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["tag_source"] == f"tagger:{tagger_dir}"
+    pos_ids = tagger.tag([np.asarray(rows["ids"][:-1], np.int32)])[0][0]
+    assert rows["pos"][:-1] == [tagger.vocabs["pos"].tag(int(i)) for i in pos_ids]
+
+    out = str(tmp_path / "retagged")
+    assert annotate.main(["--from-cache", cache_dir, "--tagger", tagger_dir, "--out", out]) == 0
+    docs, manifest = cache_lib.read_documents(out)
+    src_docs, _ = cache_lib.read_documents(cache_dir)
+    assert manifest["tag_source"] == f"tagger:{tagger_dir}" and manifest["tag_source_honest"]
+    features = manifest["features"]
+    rows_ = [features.index("targets_pos"), features.index("targets_ner")]
+    for doc, src in zip(docs, src_docs):
+        np.testing.assert_array_equal(doc[0], src[0])
+        np.testing.assert_array_equal(doc[rows_, :-1], tagger.tag([src[0, :-1]])[0])
+    # A SentencePiece model the tagger does not read is refused before any work.
+    other = str(tmp_path / "other.model")
+    with open(spm_model, "rb") as f, open(other, "wb") as g:  # + a protobuf field: parses, other bytes
+        g.write(f.read() + b"\x1a\x02\x18\x00")
+    assert show.main(["--spm", other, "--tags", f"tagger:{tagger_dir}", "Hi."]) == 1
+    assert "sha256" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from lime_jax.annotation import manifest as manifest_lib
 from lime_jax.annotation import tag_sources, worker
 from lime_jax.annotation.annotator import DEFAULT_SPACY_MODEL
 from lime_jax.annotation.tag_sources import TAG_ROWS, TagFn, TagSource
@@ -120,15 +121,9 @@ def retag_cache(src: str, out: str, source: TagSource, *, tagger=None, window: i
     # A tagger is identified by its tagger.json (written last; names its config, step and spm).
     tagger_sha = sha256_file(os.path.join(tagger.directory, "tagger.json")) if tagger is not None else None
     settings = _settings(manifest, source, window, max_docs, tagger_sha)
-    if os.path.exists(os.path.join(out, cache_lib.MANIFEST_NAME)):
-        done = cache_lib.load_manifest(out)
-        if done.get("settings") == settings:
-            cache_lib.verify_cache(out)
-            print(f"{out} is up to date ({len(docs)} documents re-tagged with {source}); nothing to do")
-            return done
-        if not overwrite:
-            raise ValueError(f"{out} holds a cache built with other settings; choose another --out or pass "
-                             "--overwrite")
+    finished = manifest_lib.finished_cache(out, settings, overwrite)
+    if finished is not None:
+        return finished
     if source.kind == "tagger" and tagger is None:
         raise ValueError(f"tag source {source}: pass the loaded tagger")
     if source.kind == "prefix":
@@ -169,6 +164,7 @@ def retag_cache(src: str, out: str, source: TagSource, *, tagger=None, window: i
            "tag_window": window,
            "retagged_from": {"path": os.path.abspath(src),
                              "manifest_sha256": sha256_file(os.path.join(src, cache_lib.MANIFEST_NAME))},
-           "counts": {**manifest.get("counts", {}), "records": len(out_docs)}}
+           "counts": {"documents": len(out_docs), "records": len(out_docs),
+                      "pieces": sum(d.shape[1] - 1 for d in out_docs)}}
     cache_lib.write_manifest(out, new)
     return new

@@ -56,6 +56,14 @@ class TagSource:
         }[self.kind]
 
 
+def is_honest(source: str, shift: int) -> bool:
+    """Whether a model reading tags from `source` (`oracle`, `prefix`, `tagger:DIR`) with metadata
+    shift `shift` never sees tags computed from text after the piece it predicts: an honest
+    source for LIME (0) or the previous-piece arm (-1). LIME+1 (+1) reads the tags of the very
+    piece it predicts, so no source is honest for it (the one rule for results and reports)."""
+    return source.split(":", 1)[0] in KINDS[1:] and shift <= 0
+
+
 ORACLE = TagSource("oracle")
 PREFIX = TagSource("prefix")
 
@@ -140,11 +148,11 @@ def prefix_tags(tokenizer: Tokenizer, annotator: Annotator, seqs: Sequence[Seque
 def tag_function(source: TagSource, tokenizer: Tokenizer, annotator: Annotator, *, tagger=None,
                  max_pieces: int = DEFAULT_MAX_PIECES) -> TagFn:
     """`tags(seqs)` for `source`. A `tagger:DIR` source needs the loaded tagger (an object with
-    `tag(seqs)`, e.g. lime_jax.tagger.CausalTagger.load(DIR)): annotation does not import it."""
+    `tag(seqs)`, e.g. lime_jax.tagger.infer.CausalTagger.load(DIR)): annotation does not import it."""
     if source.kind == "oracle":
         return lambda seqs: sequence_tags(tokenizer, annotator, seqs)
     if source.kind == "prefix":
         return lambda seqs: prefix_tags(tokenizer, annotator, seqs, max_pieces)
     if tagger is None:
-        raise ValueError(f"tag source {source}: pass the loaded tagger (lime_jax.tagger.CausalTagger.load)")
+        raise ValueError(f"tag source {source}: pass the loaded tagger (lime_jax.tagger.infer.CausalTagger.load)")
     return tagger.tag

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lime_jax.cli.generate", "generate text with a KV cache; LIME+1 metadata guidance"),
     "report": ("lime_jax.cli.report", "plots and a markdown summary comparing runs (data efficiency)"),
     "aot": ("lime_jax.cli.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
-    "tagger": ("lime_jax.cli.tagger", "train or score the causal POS/NER tagger distilled from spaCy (honest LIME+1 tags)"),
+    "tagger": ("lime_jax.cli.tagger", "train or score the causal POS/NER tagger distilled from spaCy (honest tags for LIME runs)"),
 }
 
 

@@ -117,12 +117,11 @@ def _retag(args, source: tag_sources.TagSource) -> int:
         tagger = None
         if source.kind == "tagger":
             from lime_jax.data import cache as cache_lib
-            from lime_jax.tagger.infer import CausalTagger
+            from lime_jax.tagger.infer import load_checked
 
             src_manifest = cache_lib.load_manifest(args.from_cache)
-            tagger = CausalTagger.load(source.path)
-            tagger.check_spm(os.path.join(args.from_cache, src_manifest.get("spm_model", manifest.SPM_NAME)))
-            tagger.check_vocabs(_cache_vocabs(args.from_cache, src_manifest))
+            tagger = load_checked(source.path, os.path.join(args.from_cache, src_manifest.get("spm_model", manifest.SPM_NAME)),
+                                  _cache_vocabs(args.from_cache, src_manifest))
         result = retag.retag_cache(args.from_cache, args.out, source, tagger=tagger, window=args.window,
                                    max_docs=args.max_docs, workers=args.workers, overwrite=args.overwrite)
     except (ValueError, OSError, RuntimeError) as e:

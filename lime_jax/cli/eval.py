@@ -2,7 +2,8 @@
 
     lime-jax eval --model_dir runs/quickstart/lime [--task heldout lambada addition reasoning]
 
-Writes `<model_dir>/eval_results.json` (lime_jax.evaluation.evaluate describes the tasks).
+Writes `<model_dir>/eval_results.json` (oracle tags) or `eval_results_<prefix|tagger>.json` (honest
+tags: `--tags`, or a re-tagged eval cache); lime_jax.evaluation.evaluate describes the tasks.
 """
 from __future__ import annotations
 
@@ -17,12 +18,9 @@ def load_tagger(tags, loaded):
     and tag vocabularies (None for other sources)."""
     if tags.kind != "tagger":
         return None
-    from lime_jax.tagger.infer import CausalTagger
+    from lime_jax.tagger.infer import load_checked
 
-    tagger = CausalTagger.load(tags.path)
-    tagger.check_spm(loaded.spm_path)
-    tagger.check_vocabs({n: loaded.vocabs[n] for n in loaded.cfg.metadata_names if n in loaded.vocabs})
-    return tagger
+    return load_checked(tags.path, loaded.spm_path, loaded.vocabs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,13 @@ from lime_jax.annotation.annotator import DEFAULT_SPACY_MODEL, SpacyAnnotator
 from lime_jax.annotation.pipeline import DocumentProcessor
 
 
-def load_tagger(source: tag_sources.TagSource, spm: str):
-    """The causal tagger of a `tagger:DIR` source, checked against the SentencePiece model."""
-    from lime_jax.tagger import CausalTagger  # JAX start-up only when a tagger is asked for
+def load_tagger(source: tag_sources.TagSource, processor: DocumentProcessor):
+    """The causal tagger of a `tagger:DIR` source, checked against the SentencePiece model and
+    the annotator's tag vocabularies (whose labels the table prints)."""
+    from lime_jax.tagger.infer import load_checked  # JAX start-up only when a tagger is asked for
 
-    tagger = CausalTagger.load(source.path)
-    tagger.check_spm(spm)
-    return tagger
+    return load_checked(source.path, processor.tokenizer.path,
+                        {"pos": processor.pos_vocab, "ner": processor.ner_vocab})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         source = tag_sources.parse_tag_source(args.tags, "--tags")
-        tagger = load_tagger(source, args.spm) if source.kind == "tagger" else None
         annotator = SpacyAnnotator(args.spacy_model, ner_scheme=args.ner_scheme)
         processor = DocumentProcessor(annotator, args.spm, args.tokenization)
+        tagger = load_tagger(source, processor) if source.kind == "tagger" else None
         rows = show.show(" ".join(args.text), processor, args.plus_one, source, tagger)
     except ValueError as e:
         print(f"lime-jax show: {e}", file=sys.stderr)

@@ -23,9 +23,12 @@ Tag source (`--tags`, lime_jax.annotation.tag_sources), for LIME and the previou
 `oracle` (the default: the cache's tags, spaCy over whole documents, which see the text after
 each piece), `prefix` (spaCy over the text up to and including each piece: what re-annotation
 gives at generation time) or `tagger:DIR` (the causal tagger). With an honest source, held-out
-and cloze tags are recomputed per `seq_len` window (the text the model sees), reasoning tags
-over prompt + answer, and addition tags over the prompt and every generated prefix. The results
-name the source (`tag_source`, `tags_honest`). A LIME+1 run sees the tags of the piece it
+tags are recomputed per `seq_len` window (the text the model sees; a cloze row spanning two
+windows takes each piece's tags from its own window, still from text before it), reasoning tags
+over prompt + answer, and addition tags over the prompt and every generated prefix. Without
+`--tags`, held-out text and cloze use the eval cache's tags as they are (oracle, or the source a
+re-tagged cache names). Each task names its source (`tag_source`, `tags_honest`); results with
+honest tags go to `eval_results_<kind>.json`. A LIME+1 run sees the tags of the piece it
 predicts, so no source is honest for it: its modes (`guided`, `unguided`) say where tags come from.
 """
 from __future__ import annotations
@@ -394,7 +397,7 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
         raise ValueError(f"unknown task(s) {unknown}; choose from {TASKS}")
     tag_fn = None
     if tags.honest and loaded.cfg.metadata:
-        if loaded.shift >= 1:
+        if not tag_sources.is_honest(str(tags), loaded.shift):
             raise ValueError(f"--tags {tags}: a LIME+1 run sees the tags of the piece it predicts, so no tag "
                              "source is honest for it; its modes guided/unguided say where tags come from")
         if tags.kind == "tagger" and tagger is None:
@@ -405,7 +408,7 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
     res = {"model_dir": loaded.run.model_dir, "step": loaded.step, "arm": loaded.run.arm,
            "shift": loaded.shift, "tokens_per_step": loaded.run.tokens_per_step,
            "tokens_seen": loaded.step * loaded.run.tokens_per_step, "modes": _modes(loaded),
-           "tag_source": str(tags), "tags_honest": tags.honest}
+           "tag_source": str(tags), "tags_honest": tag_sources.is_honest(str(tags), loaded.shift)}
     docs = manifest = None
     if {"heldout", "lambada"} & set(tasks):
         cache_dir = eval_cache_dir or loaded.run.eval_cache_dir
@@ -415,7 +418,7 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
         res["eval_cache_dir"] = os.path.abspath(cache_dir)
         if tag_fn is None:  # the held-out cache's own tags: oracle, or those of `annotate --from-cache`
             res["tag_source"] = manifest.get("tag_source", "oracle")
-            res["tags_honest"] = res["tag_source"].split(":", 1)[0] in tag_sources.KINDS[1:]
+            res["tags_honest"] = tag_sources.is_honest(res["tag_source"], loaded.shift)
         input_docs = docs if tag_fn is None else retag_documents(docs, manifest, tag_fn, loaded.run.seq_len, tags)
     for task in tasks:
         t0 = time.perf_counter()
@@ -428,6 +431,11 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
         elif task == "reasoning":
             res[task] = eval_reasoning(loaded, scorer, reasoning_n, tag_fn)
         res[task]["seconds"] = round(time.perf_counter() - t0, 2)
+        # Held-out text and cloze read the cache's tags (or --tags); addition and reasoning tag the
+        # text they make with --tags: each task names its own source.
+        source = res["tag_source"] if task in ("heldout", "lambada") else str(tags)
+        res[task]["tag_source"] = source
+        res[task]["tags_honest"] = tag_sources.is_honest(source, loaded.shift)
     return res
 
 

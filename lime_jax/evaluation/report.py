@@ -38,7 +38,6 @@ ARM_ORDER = ("baseline", ORACLE_ARM, "lime (oracle, eval prefix)", "lime (oracle
              "prev-piece (oracle)", "lime+1 (oracle)")
 _PALETTE = ("#444444", "#1f77b4", "#17becf", "#9467bd", "#d62728", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2",
             "#bcbd22")
-HONEST_SOURCES = ("prefix", "tagger")
 PLACES = ("1", "2", "3", "4", "5+")
 
 
@@ -48,6 +47,7 @@ class Run:
     name: str
     arm: str
     honest: bool  # its held-out tags never saw the text after the predicted piece
+    tag_source: str  # of its held-out tags: oracle, prefix or tagger
     seed: int
     tokens_per_step: int
     evals: list[tuple[int, float, float]]  # (tokens, accuracy, loss), by step
@@ -70,14 +70,16 @@ def _short(source: str) -> str:
     return source.split(":", 1)[0]  # tagger:DIR -> tagger
 
 
-def arm_label(kind: str, train_source: str | None, eval_source: str | None) -> tuple[str, bool]:
+def arm_label(kind: str, shift: int, train_source: str, eval_source: str) -> tuple[str, bool]:
     """(`kind (train source[, eval source])`, honest?) of one run's held-out set."""
+    from lime_jax.annotation.tag_sources import is_honest
+
     if kind == "baseline":
         return kind, True
     base_kind, _, recipe = kind.partition(" ")  # e.g. "lime+1 dropout=0.15"
     sources = train_source if eval_source == train_source else f"{train_source}, eval {eval_source}"
     label = f"{base_kind} ({sources})" + (f" {recipe}" if recipe else "")
-    return label, base_kind in ("lime", "prev-piece") and eval_source in HONEST_SOURCES
+    return label, is_honest(eval_source, shift)
 
 
 def load_runs(path: str) -> list[Run]:
@@ -116,10 +118,11 @@ def load_runs(path: str) -> list[Run]:
     runs = []
     for prefix, by_step in sorted(by_set.items(), key=lambda kv: kv[0] != "eval"):
         eval_source = _short(sources.get(prefix, "oracle"))
-        arm, honest = arm_label(run_cfg.arm, _short(sources["train"]), eval_source)
+        arm, honest = arm_label(run_cfg.arm, run_cfg.shift, _short(sources["train"]), eval_source)
         evals = [(step * run_cfg.tokens_per_step, acc, loss) for step, (acc, loss) in sorted(by_step.items())]
         runs.append(Run(path=os.path.abspath(path), name=base if prefix == "eval" else f"{base}@{prefix[5:]}",
-                        arm=arm, honest=honest, seed=run_cfg.seed, tokens_per_step=run_cfg.tokens_per_step,
+                        arm=arm, honest=honest, tag_source=eval_source, seed=run_cfg.seed,
+                        tokens_per_step=run_cfg.tokens_per_step,
                         evals=evals, results=results.get(eval_source)))
     return runs
 
@@ -182,7 +185,8 @@ def summarize(runs: Sequence[Run]) -> dict:
                if r.results and "heldout" in r.results]
         if coh:
             entry["cohesion_by_place"] = {p: _mean(c[p]["accuracy"] for c in coh if p in c) for p in PLACES}
-        add = [r.results["addition"]["modes"] for r in rs if r.results and "addition" in r.results]
+        add = [r.results["addition"]["modes"] for r in rs if r.results and "addition" in r.results
+               and _short(r.results["addition"].get("tag_source", "oracle")) == r.tag_source]
         if add:
             entry["addition"] = {m: _mean(a[m]["accuracy"] for a in add if m in a) for m in add[0]}
         arms[arm] = entry
@@ -350,7 +354,7 @@ def report(run_dirs: Sequence[str], out: str) -> dict:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # same basename in different parents: use the paths
         for r in runs:
-            r.name = os.path.relpath(r.path)
+            r.name = os.path.relpath(r.path) + r.name[len(os.path.basename(r.path)):]  # keeps "@<set>"
     summary = summarize(runs)
     os.makedirs(out, exist_ok=True)
     images = {k: f"{k}.png" for k in ("val_accuracy", "val_loss", "cohesion", "addition")}

@@ -19,11 +19,14 @@ Where the tags of the generated tokens come from depends on the run's metadata s
   id 0 (PAD), which adds nothing to the embedding: the model predicts from the tokens alone
   (not NONE, which would tell it the text ends). A guide longer than `--max-new` is an error.
   Without a guide every step is unguided.
-- LIME (shift 0) and the leakage control (shift -1): tags of already generated tokens come from
-  re-annotating the decoded prefix after each step (the new token's tags; earlier positions
-  keep the tags they had when they were fed). Guides are rejected.
+- LIME (shift 0) and the previous-piece arm (shift -1): `--tags prefix` (default) tags the
+  prompt by spaCy over each of its prefixes and every generated token by re-annotating the
+  decoded text after each step; `--tags tagger:DIR` uses the causal tagger for both (no spaCy).
+  The KV cache keeps what each position was fed; for shift -1 the tag fed for piece i-1 comes
+  from the re-annotation that includes piece i (text before the piece being predicted).
+  Guides are rejected.
 - Baseline: no metadata.
-Prompt tags always come from annotating the prompt (with `--guide-from`, prompt + TEXT).
+LIME+1 prompt tags come from annotating the prompt (with `--guide-from`, prompt + TEXT).
 """
 from __future__ import annotations
 
@@ -301,11 +304,16 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
         raise ValueError(f"--tags tagger: {loaded.run.model_dir} ({loaded.run.arm}) does not tag generated text; "
                          "a tagger serves LIME and previous-piece runs")
     prompt_feats = annotate_texts(loaded, [prompt])[0]
-    if tagger is not None and prompt_feats.shape[1]:
+    if names and shift < 1 and prompt_feats.shape[1]:
+        # The prompt is tagged like the text to come: by the causal tagger, or by spaCy over each
+        # prefix (tags of a piece never see the prompt text after it).
+        from lime_jax.annotation import tag_sources
         from lime_jax.annotation.pipeline import FEATURES
-        from lime_jax.annotation.tag_sources import TAG_ROWS
 
-        prompt_feats[[FEATURES.index(f"targets_{n}") for n in TAG_ROWS]] = tagger.tag([prompt_feats[0]])[0]
+        tag_fn = tagger.tag if tagger is not None else tag_sources.tag_function(
+            tag_sources.PREFIX, loaded.tokenizer, loaded.processor.annotator,
+            max_pieces=max(tag_sources.DEFAULT_MAX_PIECES, prompt_feats.shape[1]))
+        prompt_feats[[FEATURES.index(f"targets_{n}") for n in tag_sources.TAG_ROWS]] = tag_fn([prompt_feats[0]])[0]
     if guide_ids is not None:
         source = "guide"
     elif guide_from is not None:

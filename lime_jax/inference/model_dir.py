@@ -160,7 +160,7 @@ def find_cache(run: RunConfig, cache_dir: str | None = None) -> tuple[str, dict]
     """The cache that holds the run's SentencePiece model and vocabularies, and its manifest."""
     candidates = [c for c in (cache_dir, run.cache_dir, run.eval_cache_dir) if c]
     if not candidates:
-        raise ModelDirError(f"{run.model_dir}/{CONFIG_NAME}: names no cache (run.cache_dir); pass --cache_dir")
+        raise ModelDirError(f"{run.model_dir}/{CONFIG_NAME}: names no cache (DataConfig.cache_dir); pass --cache_dir")
     for c in candidates:
         if os.path.isfile(os.path.join(c, cache_lib.MANIFEST_NAME)):
             try:

@@ -25,18 +25,8 @@ _PLACES = {"no_word": lambda s, n: s == 1, "first_piece": lambda s, n: s == 2,
 
 def load_documents(cache_dir: str, max_docs: int | None = None) -> tuple[dict, dict, list[np.ndarray]]:
     """(manifest, tag vocabularies, documents as int32 [F, L]) of a cache, in shard order."""
-    manifest, vocabs = read_cache(cache_dir)
-    docs = []
-    for path in cache_lib.shard_paths(cache_dir, manifest):
-        reader = cache_lib.open_reader(path)
-        try:
-            records = reader.read_all()
-        finally:
-            reader.close()
-        docs += [cache_lib.read_document(r, len(manifest["features"]), f"{path}: record {i}")
-                 for i, r in enumerate(records)]
-        if max_docs is not None and len(docs) >= max_docs:
-            return manifest, vocabs, docs[:max_docs]
+    manifest, vocabs = read_cache(cache_dir)  # verified, with the hashes
+    docs, _ = cache_lib.read_documents(cache_dir, max_docs, check_hashes=False)
     return manifest, vocabs, docs
 
 

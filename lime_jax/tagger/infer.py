@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lime_jax.annotation.vocab import TagVocab
-from lime_jax.data.cache import sha256_file
+from lime_jax.hashing import sha256_file
 from lime_jax.ids import PAD_ID
 from lime_jax.model.config import ModelConfig
 from lime_jax.tagger.model import TAGS, TaggerModel
@@ -180,3 +180,12 @@ class CausalTagger:
                 for r, (k, s, ids) in enumerate(part):
                     out[k][:, s:s + len(ids)] = tags_2xBxL[:, r, :len(ids)]
         return out
+
+
+def load_checked(directory: str, spm_path: str, vocabs: Mapping[str, TagVocab]) -> CausalTagger:
+    """The tagger in `directory`, refused (TaggerDirError naming the file) unless it reads the
+    SentencePiece model `spm_path` and writes ids of `vocabs` (`{"pos": ..., "ner": ...}`, the
+    vocabularies of the cache or model its tags are for)."""
+    tagger = CausalTagger.load(directory, expected_vocabs=vocabs)
+    tagger.check_spm(spm_path)
+    return tagger

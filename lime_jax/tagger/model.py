@@ -1,7 +1,8 @@
 """A causal POS/NER tagger: the decoder's trunk (embedding, causal blocks) with two tag heads.
 
-The tag of piece i is predicted from pieces <= i only, so a LIME+1 run can use it as an honest
-tag source at generation time. Causality is by construction: the blocks are
+The tag of piece i is predicted from pieces <= i only, so LIME (and previous-piece) runs can use
+it as an honest tag source in training, evaluation and generation (a LIME+1 run would need the
+tags of the piece not yet generated). Causality is by construction: the blocks are
 `lime_jax.model.decoder.Block`s under its causal, within-segment `attention_mask`, and every
 other layer (embedding, norms, MLPs, heads) acts per position. Packed batches work as in the
 decoder: segment ids keep documents apart, positions restart at 0 per document.

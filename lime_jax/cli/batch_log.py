@@ -1,6 +1,6 @@
 """`lime-jax train` that also logs the order of its training data, for auditing exact resumes.
 
-    LIME_BATCH_LOG=batches.txt python -m lime_jax.trainer.batch_log --gin_file runs/lime.gin ...
+    LIME_BATCH_LOG=batches.txt python -m lime_jax.cli.batch_log --gin_file runs/lime.gin ...
 
 Appends `batch_digest` of every training batch the loader hands the trainer (a line each,
 flushed before the step uses it) to $LIME_BATCH_LOG. A killed and resumed run must log exactly
