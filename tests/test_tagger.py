@@ -194,7 +194,7 @@ def test_tagger_as_a_tag_source_for_show_and_retagging(tagger_dir, tagger, cache
 
     from lime_jax.cli import annotate, show
 
-    assert show.main(["--spm", spm_model, "--tags", f"tagger:{tagger_dir}", "--json", "Congress shall act."]) == 0
+    assert show.main(["--spm", spm_model, "--tagger", tagger_dir, "--json", "Congress shall act."]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows["tag_source"] == f"tagger:{tagger_dir}"
     pos_ids = tagger.tag([np.asarray(rows["ids"][:-1], np.int32)])[0][0]

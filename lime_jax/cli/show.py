@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spm", required=True, help="SentencePiece model")
     p.add_argument("--tags", default="oracle", metavar="SOURCE",
                    help="tag source: oracle (default), prefix or tagger:DIR")
+    p.add_argument("--tagger", metavar="DIR", help="same as --tags tagger:DIR")
     p.add_argument("--tokenization", choices=align.TOKENIZATIONS, default="lime")
     p.add_argument("--plus-one", action="store_true", help="LIME+1: each piece shows the next piece's tags")
     p.add_argument("--ner-scheme", choices=["bio", "types"], default="bio")
@@ -42,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("text", nargs="+", help="the text (several arguments are joined by spaces)")
     args = p.parse_args(argv)
+    if args.tagger:
+        if args.tags != "oracle":
+            p.error("give --tags or --tagger, not both")
+        args.tags = f"tagger:{args.tagger}"
     try:
-        source = tag_sources.parse_tag_source(args.tags, "--tags")
+        source = tag_sources.parse_tag_source(args.tags, "--tagger" if args.tagger else "--tags")
         annotator = SpacyAnnotator(args.spacy_model, ner_scheme=args.ner_scheme)
         processor = DocumentProcessor(annotator, args.spm, args.tokenization)
         tagger = load_tagger(source, processor) if source.kind == "tagger" else None
