@@ -84,6 +84,15 @@ def parse_tag_source(text: str, flag: str = "--tags") -> TagSource:
     return TagSource("tagger", path)
 
 
+def source_from_flags(tags: str, tagger: str | None) -> TagSource:
+    """The source of a command's `--tags SOURCE` and its `--tagger DIR` shorthand."""
+    if tagger is None:
+        return parse_tag_source(tags, "--tags")
+    if tags != "oracle":
+        raise ValueError("give --tags or --tagger, not both")
+    return parse_tag_source(f"tagger:{tagger}", "--tagger")
+
+
 def _decoded_prefixes(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     """decode(ids[:k]) for k = 0..n; piece k spans [len(texts[k]), len(texts[k + 1])) of the
     text of every sequence that starts with ids[:k + 1]."""

@@ -76,12 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.docs_per_shard < 1:
         print("lime-jax annotate: --workers and --docs-per-shard must be >= 1", file=sys.stderr)
         return 2
-    if args.tagger:
-        if args.tags != "oracle":
-            parser.error("give --tags or --tagger, not both")
-        args.tags = f"tagger:{args.tagger}"
     try:
-        source = tag_sources.parse_tag_source(args.tags, "--tagger" if args.tagger else "--tags")
+        source = tag_sources.source_from_flags(args.tags, args.tagger)
     except ValueError as e:
         parser.error(str(e))
     if args.from_cache:

@@ -43,12 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("text", nargs="+", help="the text (several arguments are joined by spaces)")
     args = p.parse_args(argv)
-    if args.tagger:
-        if args.tags != "oracle":
-            p.error("give --tags or --tagger, not both")
-        args.tags = f"tagger:{args.tagger}"
     try:
-        source = tag_sources.parse_tag_source(args.tags, "--tagger" if args.tagger else "--tags")
+        source = tag_sources.source_from_flags(args.tags, args.tagger)
         annotator = SpacyAnnotator(args.spacy_model, ner_scheme=args.ner_scheme)
         processor = DocumentProcessor(annotator, args.spm, args.tokenization)
         tagger = load_tagger(source, processor) if source.kind == "tagger" else None

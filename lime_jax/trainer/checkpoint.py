@@ -117,6 +117,17 @@ def check_step_dir(step_dir: str, required_items: tuple[str, ...] = REQUIRED_ITE
     return None
 
 
+def _items(arg_cls, state: TrainState, data_iter: Any | None, *, restoring: bool) -> dict:
+    """A checkpoint's items, for saving or restoring alike: params, optimizer state, step + RNG,
+    and the data iterator's position (when there is one)."""
+    items = {"params": arg_cls(state.params), "opt_state": arg_cls(state.opt_state),
+             "train": arg_cls({"step": state.step, "rng": state.rng})}
+    if data_iter is not None:
+        save_cls, restore_cls = _grain_args()
+        items["data"] = (restore_cls if restoring else save_cls)(data_iter)
+    return items
+
+
 class Checkpointer:
     """Saves and restores train state + data iterator in one Orbax CheckpointManager."""
 
@@ -183,14 +194,7 @@ class Checkpointer:
         Raises CheckpointError when this or the previous (background) save failed.
         """
         self._check_previous_save()
-        items = {
-            "params": ocp.args.StandardSave(state.params),
-            "opt_state": ocp.args.StandardSave(state.opt_state),
-            "train": ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
-        }
-        if data_iter is not None:
-            save_cls, _ = _grain_args()
-            items["data"] = save_cls(data_iter)
+        items = _items(ocp.args.StandardSave, state, data_iter, restoring=False)
         self._saving_step = step
         try:
             self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
@@ -206,14 +210,7 @@ class Checkpointer:
 
         `data_iter` (a fresh iterator) is set to the saved position in place.
         """
-        items = {
-            "params": ocp.args.StandardRestore(abstract.params),
-            "opt_state": ocp.args.StandardRestore(abstract.opt_state),
-            "train": ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng}),
-        }
-        if data_iter is not None:
-            _, restore_cls = _grain_args()
-            items["data"] = restore_cls(data_iter)
+        items = _items(ocp.args.StandardRestore, abstract, data_iter, restoring=True)
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         return TrainState(params=out["params"], opt_state=out["opt_state"],
                           step=out["train"]["step"], rng=out["train"]["rng"])
