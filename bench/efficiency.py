@@ -4,9 +4,9 @@
 
 On the bundled corpus (or the text corpus given: .txt one document per line, or .jsonl with a
 `text` field; its last `--heldout-docs` documents are held out), builds SentencePiece and the
-annotated (oracle) caches once, distils the causal tagger from the training cache
-(`lime-jax tagger train`), re-tags caches with honest sources (`lime-jax annotate --from-cache`:
-same pieces, other tags), then trains at the quickstart size (gin/runs/quickstart.gin) per seed:
+annotated (oracle) caches once, distils the causal tagger (`lime-jax tagger train`) from 3000
+training documents spread over the training split, re-tags caches with honest sources
+(`lime-jax annotate --from-cache`: same pieces, other tags), then trains at the quickstart size (gin/runs/quickstart.gin) per seed:
 - `baseline`: no metadata tables;
 - `lime`: trained on oracle tags (spaCy over whole documents, the paper's recipe) and evaluated
   on the held-out text three ways: oracle tags -> `lime (oracle)`; prefix tags (spaCy over the
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -68,8 +69,10 @@ def _split_corpus(path: str, out: str, heldout_docs: int) -> tuple[str, str]:
 
 
 def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: int, spm_docs: int,
-                 workers: int) -> dict[str, str]:
-    """SentencePiece + train/heldout caches under OUT (each reused when already complete)."""
+                 tagger_docs: int, workers: int) -> dict[str, str]:
+    """SentencePiece + train/heldout caches under OUT (each reused when already complete), and
+    the tagger's training cache: `tagger_docs` documents spread evenly over the training split
+    (a corpus sorted by time, like the bundled one, would otherwise teach the tagger one era)."""
     from lime_jax.annotation import local_runner, spm
     from lime_jax.annotation.inputs import iter_input_documents
     from lime_jax.annotation.worker import ProcessorSpec
@@ -84,8 +87,14 @@ def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: in
         print(f"training SentencePiece ({SPM_VOCAB} pieces) on {inputs['train']}", flush=True)
         texts = (t for i, (_, t) in zip(range(spm_docs), iter_input_documents([inputs["train"]])))
         spm.train_spm(texts, spm_model[:-len(".model")], SPM_VOCAB)
+    spread = os.path.join(out, "corpus_tagger_train.jsonl")
+    if not os.path.exists(spread):
+        texts = [t for _, t in iter_input_documents([inputs["train"]])]
+        with open(spread, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[::max(len(texts) // tagger_docs, 1)][:tagger_docs])
+    inputs["tagger_train"] = spread
     caches = {}
-    for split, max_docs in (("train", train_docs), ("heldout", heldout_docs)):
+    for split, max_docs in (("train", train_docs), ("heldout", heldout_docs), ("tagger_train", tagger_docs)):
         cache_dir = os.path.join(out, "cache", split)
         caches[split] = cache_dir
         if os.path.exists(os.path.join(cache_dir, "manifest.json")):
@@ -99,16 +108,22 @@ def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: in
 
 
 def honest_caches(out: str, caches: dict[str, str], workers: int) -> dict[str, str]:
-    """The causal tagger distilled from the training cache, and the caches re-tagged by it and by
-    the prefix source (each stage reused when already complete)."""
+    """The causal tagger distilled from its training cache, and the caches re-tagged by it and by
+    the prefix source (each stage reused when complete; a tagger trained on another cache is
+    retrained, and the caches it tagged are re-tagged)."""
     from lime_jax.annotation import retag, tag_sources
     from lime_jax.tagger.infer import CausalTagger
     from lime_jax.tagger.train import train_tagger
 
     tagger_dir = os.path.join(out, "tagger")
-    if not os.path.exists(os.path.join(tagger_dir, "tagger.json")):
+    meta_path = os.path.join(tagger_dir, "tagger.json")
+    trained_on = None
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            trained_on = json.load(f)["train"]["cache"]
+    if trained_on != os.path.abspath(caches["tagger_train"]):
         t0 = time.time()
-        train_tagger(caches["train"], tagger_dir, overwrite=True)
+        train_tagger(os.path.abspath(caches["tagger_train"]), tagger_dir, overwrite=True)
         print(f"tagger: trained in {time.time() - t0:.0f} s ({tagger_dir})", flush=True)
     tagger = CausalTagger.load(tagger_dir)
     jobs = {"heldout_prefix": (caches["heldout"], tag_sources.PREFIX, SEQ_LEN),
@@ -119,7 +134,7 @@ def honest_caches(out: str, caches: dict[str, str], workers: int) -> dict[str, s
         out_caches[name] = os.path.join(out, "cache", name)
         t0 = time.time()
         m = retag.retag_cache(src, out_caches[name], source, tagger=tagger if source.kind == "tagger" else None,
-                              window=window, workers=workers)
+                              window=window, workers=workers, overwrite=True)
         print(f"cache {name}: {m['counts']['records']} documents re-tagged with {source} ({time.time() - t0:.0f} s)",
               flush=True)
     return out_caches
@@ -135,6 +150,10 @@ def train_and_eval(model_dir: str, caches: dict[str, str], arm: str, steps: int,
 
     bindings, train_cache, eval_cache, extra = ARMS[arm]
     eval_caches = [caches[eval_cache], *(caches[c] for c in extra.values())]
+    config = os.path.join(model_dir, "config.gin")
+    if os.path.exists(config) and max(os.path.getmtime(os.path.join(c, "manifest.json"))
+                                      for c in [caches[train_cache], *eval_caches]) > os.path.getmtime(config):
+        shutil.rmtree(model_dir)  # a cache it read was rebuilt since (e.g. re-tagged by a new tagger)
     results = [evaluate.results_path(model_dir, _source_of(c)) for c in eval_caches]
     if all(os.path.exists(r) for r in results):
         with open(results[0], encoding="utf-8") as f:
@@ -172,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-docs", dest="train_docs", type=int, default=4000)
     p.add_argument("--heldout-docs", dest="heldout_docs", type=int, default=200)
     p.add_argument("--spm-docs", dest="spm_docs", type=int, default=6000)
+    p.add_argument("--tagger-docs", dest="tagger_docs", type=int, default=3000,
+                   help="training documents the causal tagger learns from, spread over the training split")
     p.add_argument("--workers", type=int, default=2, help="annotation processes")
     args = p.parse_args(argv)
     if args.steps < 2 or args.seeds < 1:
@@ -184,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     from lime_jax.evaluation import report
 
     t_start = time.time()
-    caches = build_caches(args.out, args.corpus, args.train_docs, args.heldout_docs, args.spm_docs, args.workers)
+    caches = build_caches(args.out, args.corpus, args.train_docs, args.heldout_docs, args.spm_docs,
+                          args.tagger_docs, args.workers)
     caches = honest_caches(args.out, caches, args.workers)
     run_dirs = []
     jobs = [(seed, arm) for seed in range(args.seeds) for arm in ARMS]
