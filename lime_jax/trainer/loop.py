@@ -269,17 +269,16 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     def to_device(batch_np):
         return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch_np.items()}
 
-    def evaluate(step: int) -> dict[str, float]:
-        """Evaluates every held-out set; returns the main one's metrics (EVAL_CACHE_DIR)."""
+    def evaluate(step: int) -> dict[str, dict[str, float]]:
+        """Metrics of every held-out set, by metrics prefix (`eval`: EVAL_CACHE_DIR)."""
+        out = {}
         for prefix, (cache_dir, ds) in eval_sets.items():
-            res = _evaluate(eval_fn, state.params, ds, eval_cfg, cache_dir, to_device, mesh)
+            out[prefix] = res = _evaluate(eval_fn, state.params, ds, eval_cfg, cache_dir, to_device, mesh)
             writer.write(step, res, prefix=f"{prefix}/")
             bar.write(f"{prefix} step {step}: loss={res['loss']:.4f} ppl={res['perplexity']:.2f} "
                       f"accuracy={res['accuracy']:.4f}")
-            last_evals[prefix] = res
-        return last_evals["eval"]
+        return out
 
-    last_eval: dict[str, float] = {}
     last_evals: dict[str, dict[str, float]] = {}
     pending = None  # (step, device metrics) not fetched yet
     step = start
@@ -299,12 +298,12 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
                 if eval_due or save_due:
                     step_metrics.handle(*pending)  # never save or evaluate a state whose step went bad
                     pending = None
-                eval_metrics = evaluate(step) if eval_due else None
-                if eval_metrics:
-                    last_eval = eval_metrics
+                evals = evaluate(step) if eval_due else {}
+                if evals:
+                    last_evals = evals
                 if save_due:
                     t0 = time.perf_counter()
-                    best_by = {ckpt_lib.EVAL_LOSS_KEY: eval_metrics["loss"]} if eval_metrics else None
+                    best_by = {ckpt_lib.EVAL_LOSS_KEY: evals["eval"]["loss"]} if evals else None
                     checkpointer.save(step, state, train_iter, metrics=best_by)
                     writer.write(step, {"checkpoint_save_s": time.perf_counter() - t0}, prefix="train/")
                 if eval_due or save_due:
@@ -315,8 +314,8 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
                     break
             if pending is not None:
                 step_metrics.handle(*pending)
-            if not last_eval and eval_sets and step == train_steps:
-                last_eval = evaluate(step)  # resumed a finished run: still report its eval
+            if not last_evals and eval_sets and step == train_steps:
+                last_evals = evaluate(step)  # resumed a finished run: still report its eval
         checkpointer.wait()
     finally:
         bar.close()
@@ -324,6 +323,7 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
         checkpointer.close()
 
     tokens_per_s, mfu = step_metrics.rates()
+    last_eval = last_evals.get("eval", {})
     return {
         "model_dir": os.path.abspath(train_cfg.model_dir),
         "params": n_params,
