@@ -23,6 +23,7 @@ import numpy as np
 
 from lime_jax.annotation import align
 from lime_jax.annotation.annotator import AnnotatedDoc, Annotator
+from lime_jax.annotation.pipeline import FEATURES
 from lime_jax.annotation.spm import Tokenizer
 
 KINDS = ("oracle", "prefix", "tagger")
@@ -45,8 +46,8 @@ class TagSource:
 
     @property
     def honest(self) -> bool:
-        """True when the tags of piece i depend on pieces <= i only."""
-        return self.kind != "oracle"
+        """True when the tags of piece i depend on pieces <= i only (honest for a LIME run)."""
+        return is_honest(str(self), 0)
 
     def describe(self) -> str:
         return {
@@ -82,6 +83,14 @@ def parse_tag_source(text: str, flag: str = "--tags") -> TagSource:
     if not os.path.isdir(path):
         raise ValueError(f"{flag}: tagger directory {path!r} does not exist")
     return TagSource("tagger", path)
+
+
+def write_tags(tags: Sequence[np.ndarray], feats: Sequence[np.ndarray]) -> None:
+    """Writes a source's [2, L] tags (rows TAG_ROWS) into pipeline features ([4, L], rows
+    `pipeline.FEATURES`) in place."""
+    rows = [FEATURES.index(f"targets_{n}") for n in TAG_ROWS]
+    for t, f in zip(tags, feats):
+        f[rows] = t
 
 
 def source_from_flags(tags: str, tagger: str | None) -> TagSource:

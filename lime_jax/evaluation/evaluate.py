@@ -279,15 +279,6 @@ def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> t
     return prompt_feats, split
 
 
-def _source_rows(tags: Sequence[np.ndarray], feats: Sequence[np.ndarray]) -> None:
-    """Writes a tag source's [2, L] tags (rows TAG_ROWS) into pipeline features [4, L] in place."""
-    from lime_jax.annotation.pipeline import FEATURES
-
-    rows = [FEATURES.index(f"targets_{n}") for n in tag_sources.TAG_ROWS]
-    for t, f in zip(tags, feats):
-        f[rows] = t
-
-
 def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=None, tagger=None) -> dict:
     """`tag_fn` (an honest source) re-tags the prompts; generated pieces are re-tagged by spaCy on
     the decoded prefix (the `prefix` source) or by `tagger`."""
@@ -299,7 +290,7 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=
     rows = tag_rows(loaded)
     prompt_feats, split = _prompt_and_answers(loaded, examples, "answer")
     if tag_fn is not None:
-        _source_rows(tag_fn([f[0] for f in prompt_feats]), prompt_feats)
+        tag_sources.write_tags(tag_fn([f[0] for f in prompt_feats]), prompt_feats)
     inc = IncrementalDecoder(loaded.model)
     tok = loaded.tokenizer
     retag = make_retagger(loaded, tagger) if loaded.cfg.metadata and loaded.shift < 1 else None
@@ -339,7 +330,7 @@ def eval_reasoning(loaded, scorer: Scorer, n: int, tag_fn=None) -> dict:
     _, split = _prompt_and_answers(loaded, examples, "choices")
     if tag_fn is not None:  # an honest source tags prompt + answer as one text
         fulls = [np.concatenate(pair, axis=1) for parts in split for pair in parts]
-        _source_rows(tag_fn([f[0] for f in fulls]), fulls)
+        tag_sources.write_tags(tag_fn([f[0] for f in fulls]), fulls)
         it = iter(fulls)
         split = [[(f[:, :pf.shape[1]], f[:, pf.shape[1]:]) for (pf, _), f in zip(parts, it)] for parts in split]
     out = {"n": len(examples), "modes": {}}

@@ -308,12 +308,11 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
         # The prompt is tagged like the text to come: by the causal tagger, or by spaCy over each
         # prefix (tags of a piece never see the prompt text after it).
         from lime_jax.annotation import tag_sources
-        from lime_jax.annotation.pipeline import FEATURES
 
         tag_fn = tagger.tag if tagger is not None else tag_sources.tag_function(
             tag_sources.PREFIX, loaded.tokenizer, loaded.processor.annotator,
             max_pieces=max(tag_sources.DEFAULT_MAX_PIECES, prompt_feats.shape[1]))
-        prompt_feats[[FEATURES.index(f"targets_{n}") for n in tag_sources.TAG_ROWS]] = tag_fn([prompt_feats[0]])[0]
+        tag_sources.write_tags(tag_fn([prompt_feats[0]]), [prompt_feats])
     if guide_ids is not None:
         source = "guide"
     elif guide_from is not None:
