@@ -112,12 +112,11 @@ def _retag(args, source: tag_sources.TagSource) -> int:
     try:
         tagger = None
         if source.kind == "tagger":
-            from lime_jax.data import cache as cache_lib
             from lime_jax.tagger.infer import load_checked
+            from lime_jax.tagger.train import read_cache
 
-            src_manifest = cache_lib.load_manifest(args.from_cache)
-            tagger = load_checked(source.path, os.path.join(args.from_cache, src_manifest.get("spm_model", manifest.SPM_NAME)),
-                                  _cache_vocabs(args.from_cache, src_manifest))
+            src_manifest, vocabs = read_cache(args.from_cache)  # the cache's manifest and tag vocabularies
+            tagger = load_checked(source.path, os.path.join(args.from_cache, src_manifest["spm_model"]), vocabs)
         result = retag.retag_cache(args.from_cache, args.out, source, tagger=tagger, window=args.window,
                                    max_docs=args.max_docs, workers=args.workers, overwrite=args.overwrite)
     except (ValueError, OSError, RuntimeError) as e:
@@ -125,10 +124,3 @@ def _retag(args, source: tag_sources.TagSource) -> int:
         return 1
     print(json.dumps({"out": args.out, "tag_source": result["tag_source"], **result["counts"]}))
     return 0
-
-
-def _cache_vocabs(cache_dir: str, cache_manifest: dict) -> dict:
-    from lime_jax.annotation.vocab import TagVocab
-
-    return {feature.removeprefix("targets_"): TagVocab.load(os.path.join(cache_dir, name))
-            for feature, name in cache_manifest.get("vocab_files", {}).items()}
