@@ -107,7 +107,8 @@ def test_reader_malformed_line_names_file_and_line(tmp_path, name):
 
 @pytest.mark.parametrize("line,why", [
     (b'["a", "b"]', "expected a JSON object"),
-    (b'{"id": "a"}', "field 'text' must be a string"),
+    (b'{"id": "a"}', "no field 'text' (fields: id)"),
+    (b'{"id": "a", "text": null}', "field 'text' must be a string, got None"),
     (b'{"id": 7, "text": "t"}', "field 'id' must be a string"),
 ])
 def test_reader_rejects_wrong_shapes(tmp_path, line, why):

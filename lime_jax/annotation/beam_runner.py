@@ -41,11 +41,12 @@ STAGING_NAME = ".beam-staging"
 RUNNER = "beam"
 
 
-def _read_file(element: tuple[int, str], errors: str, docs_per_shard: int,
+def _read_file(element: tuple[int, str], errors: str, text_field: str, on_error: str, docs_per_shard: int,
                max_docs: int | None) -> Iterator[tuple[tuple[int, int], tuple[int, str, str]]]:
     """(file index, path) -> ((file index, shard in file), (doc index, doc id, text)) per document."""
     file_index, path = element
-    for i, (doc_id, text) in enumerate(inputs_lib.iter_input_documents([path], errors=errors)):
+    docs = inputs_lib.iter_input_documents([path], errors=errors, text_field=text_field, on_error=on_error)
+    for i, (doc_id, text) in enumerate(docs):
         if max_docs is not None and i >= max_docs:
             return
         yield (file_index, i // docs_per_shard), (i, doc_id, text)
@@ -86,11 +87,12 @@ class AnnotateShardFn(beam.DoFn):
 
 
 def build_pipeline(p: beam.Pipeline, paths: list[str], spec: ProcessorSpec, staging_dir: str, *,
-                   docs_per_shard: int, max_docs: int | None, utf8_errors: str, on_error: str) -> None:
+                   docs_per_shard: int, max_docs: int | None, utf8_errors: str, text_field: str,
+                   on_error: str) -> None:
     (p
      | "Files" >> beam.Create(list(enumerate(paths)))
      # Each file is read where it is processed; a reshuffle spreads its documents' shards.
-     | "Read" >> beam.FlatMap(_read_file, utf8_errors, docs_per_shard, max_docs)
+     | "Read" >> beam.FlatMap(_read_file, utf8_errors, text_field, on_error, docs_per_shard, max_docs)
      | "Shards" >> beam.GroupByKey()
      | "Annotate" >> beam.ParDo(AnnotateShardFn(spec, staging_dir, on_error))
      | "Results" >> beam.io.WriteToText(os.path.join(staging_dir, "results"), file_name_suffix=".jsonl"))
@@ -98,15 +100,16 @@ def build_pipeline(p: beam.Pipeline, paths: list[str], spec: ProcessorSpec, stag
 
 def annotate_corpus(inputs: Sequence[str], out: str, spec: ProcessorSpec, *, beam_options: str = "",
                     docs_per_shard: int = manifest_lib.DOCS_PER_SHARD, max_docs: int | None = None,
-                    utf8_errors: str = "strict", on_error: str = "fail", overwrite: bool = False) -> dict:
+                    utf8_errors: str = "strict", text_field: str = "text", on_error: str = "fail",
+                    overwrite: bool = False) -> dict:
     """The Beam counterpart of `local_runner.annotate_corpus` (same arguments, same cache);
     `beam_options`: Beam pipeline options as one string (default: the DirectRunner)."""
-    paths = inputs_lib.resolve_inputs(inputs)
+    paths = inputs_lib.resolve_inputs(inputs, text_field)
     if max_docs is not None and len(paths) > 1:
         raise ValueError("--max-docs with --runner beam needs a single input file (files are read in "
                          "parallel, so 'the first N documents' of several files is not defined)")
     settings = manifest_lib.settings(paths, spec, docs_per_shard=docs_per_shard, max_docs=max_docs,
-                                     utf8_errors=utf8_errors)
+                                     utf8_errors=utf8_errors, text_field=text_field)
     settings["runner"] = RUNNER
     finished = manifest_lib.finished_cache(out, settings, overwrite)
     if finished is not None:
@@ -120,7 +123,7 @@ def annotate_corpus(inputs: Sequence[str], out: str, spec: ProcessorSpec, *, bea
     t0 = time.time()
     p = beam.Pipeline(options=options)
     build_pipeline(p, paths, spec, os.path.abspath(staging), docs_per_shard=docs_per_shard,
-                   max_docs=max_docs, utf8_errors=utf8_errors, on_error=on_error)
+                   max_docs=max_docs, utf8_errors=utf8_errors, text_field=text_field, on_error=on_error)
     result = p.run()
     result.wait_until_finish()
     seconds = time.time() - t0

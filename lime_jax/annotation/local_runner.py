@@ -68,13 +68,15 @@ def _run_task(task: tuple[int, list[str], list[str], str]) -> tuple[int, list, S
 
 def annotate_corpus(inputs: Sequence[str], out: str, spec: ProcessorSpec, *, workers: int = 1,
                     docs_per_shard: int = manifest_lib.DOCS_PER_SHARD, max_docs: int | None = None,
-                    utf8_errors: str = "strict", on_error: str = "fail", overwrite: bool = False) -> dict:
+                    utf8_errors: str = "strict", text_field: str = "text", on_error: str = "fail",
+                    overwrite: bool = False) -> dict:
     """Annotates the documents of `inputs` (files, globs, bundled:<split>) into the cache `out`;
-    returns its manifest. `on_error`: "fail" on a document that cannot be processed, or "skip"
-    it (listed in the manifest); `overwrite` replaces a cache built with other settings."""
-    paths = inputs_lib.resolve_inputs(inputs)
+    returns its manifest. `text_field`: the JSONL field or Parquet/Arrow column of the text.
+    `on_error`: "fail" on a document that cannot be read or processed, or "skip" it (listed in
+    the manifest); `overwrite` replaces a cache built with other settings."""
+    paths = inputs_lib.resolve_inputs(inputs, text_field)
     settings = manifest_lib.settings(paths, spec, docs_per_shard=docs_per_shard, max_docs=max_docs,
-                                     utf8_errors=utf8_errors)
+                                     utf8_errors=utf8_errors, text_field=text_field)
     finished = manifest_lib.finished_cache(out, settings, overwrite)
     if finished is not None:
         return finished
@@ -85,7 +87,8 @@ def annotate_corpus(inputs: Sequence[str], out: str, spec: ProcessorSpec, *, wor
     if done:
         print(f"resuming: {len(done)} shards already written", file=sys.stderr)
 
-    docs = inputs_lib.iter_input_documents(inputs, errors=utf8_errors)
+    docs = inputs_lib.iter_input_documents(inputs, errors=utf8_errors, text_field=text_field,
+                                           on_error=on_error)
     if max_docs is not None:
         docs = (d for i, d in zip(range(max_docs), docs))
 

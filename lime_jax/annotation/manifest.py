@@ -21,7 +21,7 @@ DOCS_PER_SHARD = 2000
 
 
 def settings(paths: Sequence[str], spec: ProcessorSpec, *, docs_per_shard: int, max_docs: int | None,
-             utf8_errors: str) -> dict:
+             utf8_errors: str, text_field: str) -> dict:
     """The settings of a run over the resolved input `paths`."""
     return {
         "inputs": [{"name": os.path.basename(p), "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
@@ -33,6 +33,8 @@ def settings(paths: Sequence[str], spec: ProcessorSpec, *, docs_per_shard: int, 
         "docs_per_shard": docs_per_shard,
         "max_docs": max_docs,
         "utf8_errors": utf8_errors,
+        # Only when not the default: caches built before --text-field existed stay up to date.
+        **({"text_field": text_field} if text_field != "text" else {}),
     }
 
 

@@ -119,11 +119,13 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def training_texts(patterns: Sequence[str], max_docs: int | None = None) -> Iterator[str]:
-    """The lines of the first `max_docs` documents of the inputs (`lime-jax spm-train`'s input)."""
+def training_texts(patterns: Sequence[str], max_docs: int | None = None,
+                   text_field: str = "text") -> Iterator[str]:
+    """The lines of the first `max_docs` documents of the inputs (`lime-jax spm-train`'s input);
+    `text_field`: the JSONL field or Parquet/Arrow column of the text."""
     from lime_jax.annotation.inputs import iter_input_documents
 
-    for n, (_, text) in enumerate(iter_input_documents(patterns)):
+    for n, (_, text) in enumerate(iter_input_documents(patterns, text_field=text_field)):
         if max_docs is not None and n >= max_docs:
             return
         # Paragraph lines keep sentences whole while staying under max_sentence_length.

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
+from lime_jax import corpus
 from lime_jax.annotation import annotator as annotator_lib
 from lime_jax.annotation.pipeline import DocumentProcessor, Stats
 
@@ -47,23 +48,27 @@ def init(spec: ProcessorSpec) -> DocumentProcessor:
     return _PROCESSOR
 
 
-def process_batch(ids: Sequence[str], texts: Sequence[str],
+def process_batch(ids: Sequence[str], texts: Sequence[str | corpus.RecordError],
                   on_error: str) -> tuple[list, Stats, list[dict]]:
     """(features per document, None where empty or skipped; stats; skipped documents).
 
-    A batch that fails is re-run one document at a time to find the document(s) at fault:
+    A batch that fails, or holds a record the reader could not read (a corpus.RecordError in
+    place of its text), is run one document at a time to find the document(s) at fault:
     `on_error="fail"` raises naming it, `"skip"` lists it (id and error) and counts it.
     """
     if _PROCESSOR is None:
         raise RuntimeError("annotation worker used before worker.init(spec)")
-    try:
-        features, stats = _PROCESSOR.process(texts)
-        return features, stats, []
-    except Exception:  # find the document(s) at fault below
-        pass
+    if not any(isinstance(t, corpus.RecordError) for t in texts):
+        try:
+            features, stats = _PROCESSOR.process(texts)
+            return features, stats, []
+        except Exception:  # find the document(s) at fault below
+            pass
     features, stats, skipped = [], Stats(), []
     for doc_id, text in zip(ids, texts):
         try:
+            if isinstance(text, corpus.RecordError):
+                raise text
             one, one_stats = _PROCESSOR.process([text])
         except Exception as e:
             if on_error == "fail":

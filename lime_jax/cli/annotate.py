@@ -21,16 +21,14 @@ import os
 import sys
 
 from lime_jax import corpus
-from lime_jax.annotation import annotator, manifest, retag, tag_sources
+from lime_jax.annotation import annotator, inputs, manifest, retag, tag_sources
 from lime_jax.annotation.worker import ProcessorSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lime-jax annotate", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+",
-                        help="files or globs (.txt: a document per line; .jsonl: a 'text' field; "
-                             "optionally .gz/.xz), or bundled:train / bundled:heldout")
+    source.add_argument("--input", nargs="+", help=inputs.INPUT_HELP)
     source.add_argument("--from-cache", dest="from_cache", metavar="CACHE",
                         help="re-tag this annotated cache with --tags (same pieces, same order)")
     p.add_argument("--spm", help="SentencePiece model (lime-jax spm-train); with --input")
@@ -55,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utf8-errors", choices=["strict", "replace"], default="strict",
                    help="invalid UTF-8 in an input: fail naming file, line and byte (strict), "
                         "or substitute U+FFFD (replace)")
+    p.add_argument("--text-field", default="text", help=inputs.TEXT_FIELD_HELP)
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                   help="a document that cannot be processed (e.g. a lone surrogate escape in JSONL): "
+                   help="a document that cannot be read (no string text field: missing, null, not a "
+                        "string; malformed JSON) or processed (e.g. a lone surrogate escape in JSONL): "
                         "stop naming its position (fail), or skip it, listing it and its error in the "
                         "manifest's 'skipped_documents' and counting it (skip)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = ProcessorSpec(args.spm, tokenization=args.tokenization, ner_scheme=args.ner_scheme,
                          spacy_model=args.spacy_model, use_blis=args.use_blis)
     common = dict(docs_per_shard=args.docs_per_shard, max_docs=args.max_docs, utf8_errors=args.utf8_errors,
-                  on_error=args.on_error, overwrite=args.overwrite)
+                  text_field=args.text_field, on_error=args.on_error, overwrite=args.overwrite)
     try:
         if args.runner == "beam":
             from lime_jax.annotation import beam_runner  # needs the optional apache-beam install
