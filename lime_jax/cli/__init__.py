@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("lime_jax.cli.report", "plots and a markdown summary comparing runs (data efficiency)"),
     "aot": ("lime_jax.cli.aot", "lower and compile a config's train step for a mesh of (fake) devices; print memory per device"),
     "tagger": ("lime_jax.cli.tagger", "train or score the causal POS/NER tagger distilled from spaCy (honest tags for LIME runs)"),
+    "export": ("lime_jax.cli.export", "write a run as a Hugging Face directory (transformers' Gemma; LIME with tag tables)"),
 }
 
 
