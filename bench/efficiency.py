@@ -16,19 +16,29 @@ training documents spread over the training split, re-tags caches with honest so
 - `prev_piece`: position i sees the previous piece's oracle tags (METADATA_SHIFT = -1) ->
   `prev-piece (oracle)`. Not leak-free: from a word's third piece on, the previous piece carries
   the same whole-word (and right-context) tags.
+- `aux`: the baseline's inputs plus heads that predict the next token's POS and NER tags
+  (gin/runs/aux.gin): metadata as training targets only, nothing at inference -> `aux` (honest).
+- `lime_plus1_self`: LIME+1 plus heads that forecast the tags of token i+2 (gin/runs/
+  lime_plus1_self.gin), trained on oracle tags like LIME+1, evaluated with its own forecasts
+  (`lime-jax eval`, mode `self`) at every checkpoint -> `lime+1+heads (self)` (honest). Its curve
+  comes from `lime-jax eval` (every held-out piece, one window at a time); so do the baseline and
+  oracle figures it is compared with (`gain_share_self`, `plus1_self_tokens_to_baseline_acc`).
 All arms of a seed read one token stream with the same seed, hence the same batches, and start
 from the same non-metadata weights (the tables draw from their own RNG stream). Held-out prefix
 tags are computed per 128-piece window (the model's sequence length). Each run is evaluated for
 token cohesion (`lime-jax eval --task heldout` on each held-out cache), then `lime-jax report`
 compares the arms, labelling each oracle or honest (OUT/report).
 
-Sizing (2 CPU cores): 3 seeds x 4 runs x 400 steps of 16 x 128 tokens, ~4 min a run on an idle
+Sizing (2 CPU cores): 3 seeds x 6 runs x 400 steps of 16 x 128 tokens, ~4 min a run on an idle
 machine (~50 min), plus ~10 min of SentencePiece, annotation, tagger and re-tagging. Reduce with
 --steps / --seeds / --train-docs. Finished stages and runs are reused on a re-run.
 
 Last line: lime_tokens_to_baseline_acc=<oracle LIME, mean over seeds> seeds=<K>
 baseline_final_acc=<n> lime_final_acc=<n> control_final_acc=<prev-piece> lime_prefix_acc=<n>
-lime_tagger_acc=<n> gain_share_prefix=<n> gain_share_tagger=<n>
+lime_tagger_acc=<n> gain_share_prefix=<n> gain_share_tagger=<n> aux_acc=<n> plus1_self_acc=<n>
+best_honest_arm=<name> best_honest_tokens_to_baseline_acc=<n or nan>
+(an honest arm's held-out tags never saw the text after the predicted piece; the best is the one
+with the highest final held-out accuracy by `lime-jax eval`, the same protocol for every arm)
 """
 from __future__ import annotations
 
@@ -42,12 +52,16 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # run -> (gin bindings on top of gin/runs/quickstart.gin (a LIME run), training cache, held-out
 # caches: the main one, then extra ones by name)
+# `{heads:K}` becomes ModelConfig.tag_heads predicting POS and NER of token i+K (sizes from the cache).
 ARMS = {
     "baseline": (["ModelConfig.metadata = ()"], "train", "heldout", {}),
     "lime": (["METADATA_SHIFT = 0"], "train", "heldout", {"prefix": "heldout_prefix", "tagger": "heldout_tagger"}),
     "lime_tagger": (["METADATA_SHIFT = 0"], "train_tagger", "heldout_tagger", {}),
     "prev_piece": (["METADATA_SHIFT = -1"], "train", "heldout", {}),
+    "aux": (["ModelConfig.metadata = ()", "{heads:1}"], "train", "heldout", {}),
+    "lime_plus1_self": (["METADATA_SHIFT = 1", "{heads:2}"], "train", "heldout", {}),
 }
+SELF_ARMS = ("lime_plus1_self",)  # evaluated with their own forecasts at every checkpoint
 SEQ_LEN = 128  # gin/runs/quickstart.gin
 SPM_VOCAB = 4096  # gin/models/quickstart.gin
 
@@ -155,20 +169,58 @@ def train_and_eval(model_dir: str, caches: dict[str, str], arm: str, steps: int,
                                       for c in [caches[train_cache], *eval_caches]) > os.path.getmtime(config):
         shutil.rmtree(model_dir)  # a cache it read was rebuilt since (e.g. re-tagged by a new tagger)
     results = [evaluate.results_path(model_dir, _source_of(c)) for c in eval_caches]
-    if all(os.path.exists(r) for r in results):
+    if all(os.path.exists(r) for r in results) and (
+            arm not in SELF_ARMS or os.path.exists(os.path.join(model_dir, SELF_CURVE))):
         with open(results[0], encoding="utf-8") as f:
             if json.load(f).get("step") == steps:
                 return {"skipped": True}
     extra_dirs = {name: caches[c] for name, c in extra.items()}
+    # A self arm keeps a checkpoint per eval step: its honest curve is evaluated from them.
+    every = eval_every if arm in SELF_ARMS else steps
     summary = train.train(["runs/quickstart.gin"], [
         f"MODEL_DIR = '{model_dir}'", f"CACHE_DIR = '{caches[train_cache]}'",
         f"EVAL_CACHE_DIR = '{caches[eval_cache]}'", f"DataConfig.extra_eval_cache_dirs = {extra_dirs!r}",
-        f"TRAIN_STEPS = {steps}", f"EVAL_EVERY = {eval_every}", f"CHECKPOINT_EVERY = {steps}", f"SEED = {seed}",
-        f"EvalConfig.batches = {eval_batches}", "TrainConfig.progress = False", *bindings])
+        f"TRAIN_STEPS = {steps}", f"EVAL_EVERY = {eval_every}", f"CHECKPOINT_EVERY = {every}", f"SEED = {seed}",
+        f"CheckpointConfig.keep = {steps // every + 1}",
+        f"EvalConfig.batches = {eval_batches}", "TrainConfig.progress = False",
+        *(heads_binding(b, caches[train_cache]) for b in bindings)])
+    if arm in SELF_ARMS:
+        write_self_curve(model_dir, caches[eval_cache], steps, every)
     loaded = model_dir_lib.load(model_dir)
     for cache_dir in eval_caches:  # the tags each held-out cache holds; cohesion per source
         evaluate.write_results(model_dir, evaluate.evaluate(loaded, ["heldout"], eval_cache_dir=cache_dir))
     return summary
+
+
+def heads_binding(binding: str, cache_dir: str) -> str:
+    """`{heads:K}` -> tag heads for POS and NER of token i+K, sized by the cache's vocabularies."""
+    if not binding.startswith("{heads:"):
+        return binding
+    from lime_jax.data import cache as cache_lib
+
+    ahead = int(binding[len("{heads:"):-1])
+    sizes = cache_lib.load_manifest(cache_dir)["vocab_sizes"]
+    heads = tuple((n, sizes[f"targets_{n}"], ahead, 1.0) for n in ("pos", "ner"))
+    return f"ModelConfig.tag_heads = {heads!r}"
+
+
+SELF_CURVE = "self_curve.json"
+
+
+def write_self_curve(model_dir: str, eval_cache: str, steps: int, every: int) -> None:
+    """Held-out accuracy at every checkpoint with the model's own tag forecasts (`self`), with
+    no metadata (`unguided`) and with the cache's oracle tags: `lime-jax eval --step S`."""
+    from lime_jax.evaluation import evaluate
+    from lime_jax.inference import model_dir as model_dir_lib
+
+    curve = []
+    for step in range(every, steps + 1, every):
+        loaded = model_dir_lib.load(model_dir, step=step)
+        h = evaluate.evaluate(loaded, ["heldout"], eval_cache_dir=eval_cache)["heldout"]
+        curve.append({"step": step, "tokens": step * loaded.run.tokens_per_step, "oracle": h["accuracy"],
+                      **{mode: m["accuracy"] for mode, m in h["modes"].items()}})
+    with open(os.path.join(model_dir, SELF_CURVE), "w", encoding="utf-8") as f:
+        json.dump(curve, f, indent=1)
 
 
 def _source_of(cache_dir: str) -> str:
@@ -235,13 +287,83 @@ def main(argv: list[str] | None = None) -> int:
         return "nan" if x is None else f"{x:.4f}"
 
     prefix, tagger = arms["lime (oracle, eval prefix)"], arms["lime (tagger)"]
+    honest = honest_figures(args.out, args.seeds)
+    best = max((a for a in honest["arms"] if a != "baseline"), key=lambda a: honest["arms"][a]["mean"])
     print(f"lime_tokens_to_baseline_acc={fmt(oracle.get('tokens_to_baseline_acc'))} seeds={args.seeds} "
           f"baseline_final_acc={fmt(arms['baseline']['final_accuracy'])} "
           f"lime_final_acc={fmt(oracle['final_accuracy'])} "
           f"control_final_acc={fmt(arms['prev-piece (oracle)']['final_accuracy'])} "
           f"lime_prefix_acc={fmt(prefix['final_accuracy'])} lime_tagger_acc={fmt(tagger['final_accuracy'])} "
-          f"gain_share_prefix={fmt(prefix.get('gain_share'))} gain_share_tagger={fmt(tagger.get('gain_share'))}")
+          f"gain_share_prefix={fmt(prefix.get('gain_share'))} gain_share_tagger={fmt(tagger.get('gain_share'))} "
+          f"aux_acc={fmt(arms['aux']['final_accuracy'])} "
+          f"plus1_self_acc={fmt(honest['arms']['lime+1+heads (self)']['mean'])} "
+          f"best_honest_arm={best.replace(' ', '_')} "
+          f"best_honest_tokens_to_baseline_acc={fmt(honest['arms'][best]['tokens_to_baseline_acc'])}")
     return 0
+
+
+# run dir prefix -> (arm, results file (its eval tags), honest): the figures of the honest
+# comparison, all by `lime-jax eval` on the held-out text (every piece, one window at a time).
+EVAL_ARMS = {
+    "baseline": ("baseline", "eval_results.json", True),
+    "lime (oracle)": ("lime", "eval_results.json", False),
+    "lime (oracle, eval prefix)": ("lime", "eval_results_prefix.json", True),
+    "lime (oracle, eval tagger)": ("lime", "eval_results_tagger.json", True),
+    "lime (tagger)": ("lime_tagger", "eval_results_tagger.json", True),
+    "aux": ("aux", "eval_results.json", True),
+    "lime+1+heads (self)": ("lime_plus1_self", "self", True),
+}
+
+
+def honest_figures(out: str, seeds: int) -> dict:
+    """Per-seed final held-out accuracy of every arm by `lime-jax eval`, tokens to the baseline's
+    final accuracy for the self arm (its self curve) and the others (their training curves, as the
+    report computes them), and gain shares; prints the per-seed table. Written to OUT/honest.json."""
+    from lime_jax.evaluation import report
+
+    table = {}
+    for label, (prefix, results, honest) in EVAL_ARMS.items():
+        accs = []
+        for seed in range(seeds):
+            run = os.path.join(out, f"{prefix}_seed{seed}")
+            if results == "self":
+                with open(os.path.join(run, SELF_CURVE), encoding="utf-8") as f:
+                    accs.append(json.load(f)[-1]["self"])
+            else:
+                with open(os.path.join(run, results), encoding="utf-8") as f:
+                    accs.append(json.load(f)["heldout"]["accuracy"])
+        table[label] = {"per_seed": accs, "mean": sum(accs) / len(accs), "honest": honest}
+    base, oracle = table["baseline"]["mean"], table["lime (oracle)"]["mean"]
+    for label, entry in table.items():
+        if label != "baseline":
+            entry["gain_share"] = (entry["mean"] - base) / (oracle - base) if oracle != base else None
+    # Tokens to the baseline's final accuracy: the self arm from its self curve against the
+    # baseline's final accuracy by the same protocol; the trained-tag arms from the report.
+    fractions = []
+    for seed in range(seeds):
+        with open(os.path.join(out, f"lime_plus1_self_seed{seed}", SELF_CURVE), encoding="utf-8") as f:
+            curve = json.load(f)
+        tokens, _ = report.tokens_to_reach([c["tokens"] for c in curve], [c["self"] for c in curve],
+                                           table["baseline"]["per_seed"][seed])
+        fractions.append(None if tokens is None else tokens / curve[-1]["tokens"])
+    reached = [f for f in fractions if f is not None]
+    table["lime+1+heads (self)"]["tokens_to_baseline_acc"] = sum(reached) / len(reached) if reached else None
+    summary = report.summarize([r for seed in range(seeds) for prefix in ("baseline", "lime", "lime_tagger", "aux")
+                                for r in report.load_runs(os.path.join(out, f"{prefix}_seed{seed}"))])
+    for label, entry in table.items():
+        if "tokens_to_baseline_acc" not in entry:
+            entry["tokens_to_baseline_acc"] = summary["arms"].get(label, {}).get("tokens_to_baseline_acc")
+    print("per-seed final held-out accuracy (lime-jax eval; honest = tags never saw the text after the piece):")
+    print(f"  {'arm':<28} {'tags':<7} " + " ".join(f"seed{s:<4}" for s in range(seeds))
+          + "   mean    gain_share  tokens_to_baseline_acc")
+    for label, e in table.items():
+        gs, tt = e.get("gain_share"), e.get("tokens_to_baseline_acc")
+        print(f"  {label:<28} {'honest' if e['honest'] else 'oracle':<7} "
+              + " ".join(f"{a:.4f}" for a in e["per_seed"]) + f"   {e['mean']:.4f}  "
+              + ("-" if gs is None else f"{gs:+.3f}").ljust(11) + " " + ("-" if tt is None else f"{tt:.3f}"))
+    with open(os.path.join(out, "honest.json"), "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=1)
+    return {"arms": {k: v for k, v in table.items() if v["honest"]}}
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@
 Builds (or reuses) the bundled-corpus caches of bench/efficiency.py, adds `--addition-docs`
 addition problems (lime_jax.data.synthetic, seed 0 = the tasks' train split) annotated with the
 same pipeline into a mixture cache, trains a LIME+1 model (METADATA_SHIFT = 1) of the quickstart
-size on it, then evaluates addition on the test seed with greedy decoding (`lime-jax eval
---task addition`): unguided (tag id 0, PAD, for the answer: the metadata tables add nothing
-there, so the model answers from the tokens alone) and guided (oracle tags of the answer and
-of the EOS that ends it, from annotating prompt + answer, as in the paper). NONE would be the
+size with tag heads that forecast the tags of token i+2 (gin/runs/lime_plus1_self.gin) on it,
+then evaluates addition on the test seed with greedy decoding (`lime-jax eval --task addition`):
+unguided (tag id 0, PAD, for the answer: the metadata tables add nothing there, so the model
+answers from the tokens alone), guided (oracle tags of the answer and of the EOS that ends it,
+from annotating prompt + answer, as in the paper) and self-guided (every tag, the prompt's too,
+is the model's own forecast: no spaCy, no oracle). NONE would be the
 wrong "no guidance": it is the tag of every document's EOS, so a model fed NONE stops at once.
 A model trained with every position's metadata (the paper's recipe, --metadata-dropout 0) has
 never seen a position without it, so unguided decoding is out of its distribution; by default
@@ -19,7 +21,7 @@ Sizing (2 CPU cores): 10000 addition problems (annotated in a few minutes) and 1
 16 x 128 tokens (~20 minutes at ~2.5k tokens/s, ~45 on a busy machine). Reduce with --steps and
 --addition-docs. A finished run is reused when the script is re-run with the same settings.
 
-Last line: guided_addition_gain=<guided - unguided accuracy> guided=<n> unguided=<n>
+Last line: guided_addition_gain=<guided - unguided accuracy> guided=<n> unguided=<n> self_guided=<n>
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--addition-n", dest="addition_n", type=int, default=150, help="test problems (3 digit counts)")
     p.add_argument("--train-docs", dest="train_docs", type=int, default=4000)
     p.add_argument("--heldout-docs", dest="heldout_docs", type=int, default=200)
+    p.add_argument("--tagger-docs", dest="tagger_docs", type=int, default=3000,
+                   help="as in bench/efficiency.py, whose caches this shares")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metadata-dropout", dest="metadata_dropout", type=float, default=0.15,
@@ -91,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from lime_jax.trainer import train
 
     t_start = time.time()
-    caches = efficiency.build_caches(args.cache_root, None, args.train_docs, args.heldout_docs, 6000, args.workers)
+    caches = efficiency.build_caches(args.cache_root, None, args.train_docs, args.heldout_docs, 6000,
+                                     args.tagger_docs, args.workers)
     mixture = build_mixture(caches, os.path.join(args.out, f"cache_mixture_{args.addition_docs}"), args.addition_docs)
-    run_dir = os.path.join(args.out, f"lime_plus1_steps{args.steps}_seed{args.seed}"
+    run_dir = os.path.join(args.out, f"lime_plus1_self_steps{args.steps}_seed{args.seed}"
                            + (f"_dropout{args.metadata_dropout:g}" if args.metadata_dropout else ""))
     results_path = os.path.join(run_dir, evaluate.RESULTS_NAME)
     res = None
@@ -109,20 +114,22 @@ def main(argv: list[str] | None = None) -> int:
             f"TRAIN_STEPS = {args.steps}", f"EVAL_EVERY = {max(1, args.steps // 5)}",
             f"CHECKPOINT_EVERY = {args.steps}", f"SEED = {args.seed}", "METADATA_SHIFT = 1",
             f"METADATA_DROPOUT = {args.metadata_dropout}",
+            efficiency.heads_binding("{heads:2}", mixture),
             "EvalConfig.batches = 16", "TrainConfig.progress = False"])
-        print(f"trained LIME+1 {args.steps} steps: held-out acc {summary['eval_accuracy']:.4f}, "
+        print(f"trained LIME+1 with tag heads {args.steps} steps: held-out acc {summary['eval_accuracy']:.4f}, "
               f"{summary['tokens_per_s'] or 0:.0f} tokens/s, {time.time() - t0:.0f} s", flush=True)
         loaded = model_dir_lib.load(run_dir)
         res = evaluate.evaluate(loaded, ["addition", "heldout"], addition_n=args.addition_n)
         evaluate.write_results(run_dir, res)
     print("\n".join(evaluate.summary_lines(res)))
     modes = res["addition"]["modes"]
-    for mode in ("unguided", "guided"):
+    for mode in ("unguided", "guided", "self"):
         by = modes[mode]["by_bucket"]
         print(f"  {mode}: " + " ".join(f"{d} digits={v['accuracy']:.3f}" for d, v in by.items()))
     print(f"({time.time() - t_start:.0f} s in all; results in {results_path})")
-    guided, unguided = modes["guided"]["accuracy"], modes["unguided"]["accuracy"]
-    print(f"guided_addition_gain={guided - unguided:.4f} guided={guided:.4f} unguided={unguided:.4f}")
+    guided, unguided, self_guided = (modes[m]["accuracy"] for m in ("guided", "unguided", "self"))
+    print(f"guided_addition_gain={guided - unguided:.4f} guided={guided:.4f} unguided={unguided:.4f} "
+          f"self_guided={self_guided:.4f}")
     return 0
 
 

@@ -1,4 +1,6 @@
 """KV-cache decoding, sampling, metadata guidance and `lime-jax generate` errors."""
+import json
+
 import numpy as np
 import pytest
 
@@ -79,7 +81,7 @@ def test_parse_guide_forms_and_errors():
     vocabs, names = {"pos": POS, "ner": NER}, ("pos", "ner")
     np.testing.assert_array_equal(generate.parse_guide("CD CD .", vocabs, names), [[2, 2, 3], [2, 2, 2]])
     np.testing.assert_array_equal(generate.parse_guide("NN/O NONE -", vocabs, names),
-                                  [[4, NONE_ID, PAD_ID], [2, NONE_ID, PAD_ID]])
+                                  [[4, NONE_ID, generate.FORECAST_ID], [2, NONE_ID, generate.FORECAST_ID]])
     as_list = generate.parse_guide('[{"pos": "CD", "ner": "O"}, {"pos": "."}]', vocabs, names)
     as_dict = generate.parse_guide('{"pos": ["CD", "."], "ner": ["O", "O"]}', vocabs, names)
     np.testing.assert_array_equal(as_list, [[2, 3], [2, 2]])
@@ -218,13 +220,18 @@ def real_dirs(tmp_path_factory, spm_model, annotator):
     shutil.copy(spm_model, f"{cache_dir}/spm.model")
     proc.pos_vocab.save(f"{cache_dir}/vocab_pos.json")
     proc.ner_vocab.save(f"{cache_dir}/vocab_ner.json")
+    sizes = {n: proc.vocab_sizes[f"targets_{n}"] for n in ("pos", "ner")}
     cfg = ModelConfig(vocab_size=proc.tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                      d_ff=32, metadata=(("pos", 52), ("ner", 39)), dtype="float32")
-    params = nnx.state(numpy_model(cfg, seed=1), nnx.Param)
+                      d_ff=32, metadata=tuple(sizes.items()), dtype="float32")
     dirs = {}
-    for arm, shift in (("lime", 0), ("lime_plus1", 1)):
+    # `_self`: with tag heads forecasting the tags the run is fed (ahead = shift + 1).
+    for arm, shift, heads in (("lime", 0, False), ("lime_plus1", 1, False), ("lime_self", 0, True),
+                              ("lime_plus1_self", 1, True), ("aux", 0, True)):
+        arm_cfg = cfg.replace(tag_heads=tuple((n, s, shift + 1, 1.0) for n, s in sizes.items()) if heads else (),
+                              metadata=() if arm == "aux" else cfg.metadata)
+        params = nnx.state(numpy_model(arm_cfg, seed=1), nnx.Param)
         dirs[arm] = str(root / arm)
-        model_dir.save_model_dir(dirs[arm], cfg, params, step=1, seq_len=64, shift=shift, cache_dir=cache_dir,
+        model_dir.save_model_dir(dirs[arm], arm_cfg, params, step=1, seq_len=64, shift=shift, cache_dir=cache_dir,
                                  eval_cache_dir=cache_dir)
     return dirs
 
@@ -253,7 +260,7 @@ def test_generate_text_with_oracle_guidance_and_reannotation(real_dirs, capsys):
 def test_eval_tasks_end_to_end_on_the_real_pipeline(real_dirs):
     from lime_jax.evaluation import evaluate
 
-    for arm, modes in (("lime_plus1", ["unguided", "guided"]), ("lime", ["reannotated"])):
+    for arm, modes in (("lime_plus1", ["unguided", "guided"]), ("lime", ["reannotated", "unguided"])):
         loaded = model_dir.load(real_dirs[arm])
         res = evaluate.evaluate(loaded, ["heldout", "lambada", "addition", "reasoning"], addition_n=6,
                                 reasoning_n=4)
@@ -265,3 +272,51 @@ def test_eval_tasks_end_to_end_on_the_real_pipeline(real_dirs):
                 assert res[task]["modes"][m]["n"] == n and 0.0 <= res[task]["modes"][m]["accuracy"] <= 1.0
         assert set(res["addition"]["modes"][modes[0]]["by_bucket"]) == {"1", "2", "3"}
         assert set(res["reasoning"]["modes"][modes[0]]["by_bucket"]) == {"comparison", "transfer"}
+
+
+@pytest.mark.slow
+def test_generate_with_self_tags_and_forecast_guides(real_dirs, capsys):
+    """`--tags self` needs no spaCy at inference; a guide's `-` steps take the forecast."""
+    for arm in ("lime_self", "lime_plus1_self"):
+        assert generate_cli.main(["--model_dir", real_dirs[arm], "--prompt", "The President", "--max-new", "4",
+                                  "--tags", "self", "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["tags_source"] == "self (the model's forecast, prompt included)"
+        assert len(res["tags"]) == len(res["ids"]) and all("<pad>" not in t.values() for t in res["tags"])
+    lp1 = model_dir.load(real_dirs["lime_plus1_self"])
+    res = generate.generate(lp1, "Q: What is 12 + 30?\nA:", guide="CD - CD", max_new=3)
+    assert res["tags_source"] == "guide (steps it leaves open: the model's forecast)"
+    assert res["tags"][0]["pos"] == "CD"
+    if len(res["tags"]) > 1:
+        assert res["tags"][1]["pos"] != "<pad>"  # the `-` step: the forecast, not PAD
+    plain = model_dir.load(real_dirs["lime_plus1"])
+    res = generate.generate(plain, "Q: What is 12 + 30?\nA:", guide="CD -", max_new=2)
+    assert res["tags_source"] == "guide (steps it leaves open: PAD, unguided (the model has no tag heads))"
+    for arm, args, message in (("lime", ["--tags", "self"], "ahead = 1"),
+                               ("lime_plus1", ["--tags", "prefix"], "use --tags self"),
+                               ("lime_plus1_self", ["--tags", "oracle"], "--guide-from"),
+                               ("lime", ["--tags", "oracle"], "no whole-document annotation")):
+        assert generate_cli.main(["--model_dir", real_dirs[arm], "--prompt", "x", *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_reports_unguided_self_and_oracle_side_by_side(real_dirs):
+    from lime_jax.evaluation import evaluate
+
+    for arm, modes in (("lime_plus1_self", ["unguided", "guided", "self"]),
+                       ("lime_self", ["reannotated", "unguided", "self"]), ("aux", ["none"])):
+        loaded = model_dir.load(real_dirs[arm])
+        res = evaluate.evaluate(loaded, ["heldout", "addition", "reasoning"], addition_n=3, reasoning_n=2)
+        assert res["modes"] == modes
+        for task in ("addition", "reasoning"):
+            assert list(res[task]["modes"]) == modes
+        h = res["heldout"]
+        assert set(h["heads"]) == {f"pos_ahead{loaded.shift + 1}", f"ner_ahead{loaded.shift + 1}"}
+        assert all(0.0 <= v["accuracy"] <= 1.0 and v["n"] > 0 for v in h["heads"].values())
+        if arm == "aux":
+            assert "modes" not in h
+            continue
+        assert set(h["modes"]) == {"unguided", "self"} and set(h["modes"]["self"]["heads"]) == set(h["heads"])
+        assert h["modes"]["self"]["accuracy"] != h["accuracy"] or h["modes"]["self"]["loss"] != h["loss"]
+        assert any("heldout self" in line for line in evaluate.summary_lines(res))

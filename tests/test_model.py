@@ -274,7 +274,7 @@ def test_model_package_imports_no_data_stack():
             for name in names:
                 assert name.split(".")[0] not in third_party, f"{path.name} imports {name}"
                 if name.startswith("lime_jax"):
-                    assert name == "lime_jax.ids" or name.startswith("lime_jax.model"), \
+                    assert name in ("lime_jax.ids", "lime_jax.features") or name.startswith("lime_jax.model"), \
                         f"{path.name} imports {name}"
                 if path.name == "sharding.py":
                     assert not name.startswith("lime_jax.model"), f"sharding.py imports {name}"

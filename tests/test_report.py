@@ -10,13 +10,13 @@ from lime_jax.evaluation import report
 SEQ_LEN, BATCH = 8, 4  # 32 tokens per step
 
 
-def _fake_run(root, name, metadata, shift, seed, accs, results=None, dropout=None, extra_evals=None):
+def _fake_run(root, name, metadata, shift, seed, accs, results=None, dropout=None, extra_evals=None, heads=()):
     """A run dir; `extra_evals` {name: (tag source, accuracies)}: extra held-out sets."""
     path = os.path.join(root, name)
     os.makedirs(path)
     with open(os.path.join(path, "config.gin"), "w") as f:
         f.write(f"ModelConfig.metadata = {metadata!r}\nrun.seq_len = {SEQ_LEN}\nrun.batch_size = {BATCH}\n"
-                f"run.metadata_shift = {shift}\nrun.seed = {seed}\n")
+                f"run.metadata_shift = {shift}\nrun.seed = {seed}\nModelConfig.tag_heads = {heads!r}\n")
         if dropout is not None:
             f.write(f"run.metadata_dropout = {dropout}\n")
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
@@ -108,6 +108,90 @@ def test_report_writes_plots_and_the_data_efficiency_fraction(runs, tmp_path, ca
     out_lines = capsys.readouterr().out
     assert "lime (oracle) [oracle]: final_acc=0.5000 tokens_to_baseline_acc=0.6667 gain_share=1.000" in out_lines
     assert "lime (oracle, eval prefix) [honest]: final_acc=0.4500 tokens_to_baseline_acc=0.8750" in out_lines
+
+
+def _mode_results(heldout, addition, reasoning):
+    """eval_results with the figures per mode; `heldout` {mode: (accuracy, {head: accuracy})},
+    `main` the held-out set's own tags."""
+    def one(acc, heads):
+        return {"accuracy": acc, "loss": 5.0 - acc, **({"heads": {h: {"accuracy": a, "n": 9} for h, a in heads.items()}}
+                                                        if heads else {})}
+
+    main = heldout.pop("main")
+    res = {"heldout": {**one(*main), "cohesion": {"by_place": {}}}}
+    if heldout:
+        res["heldout"]["modes"] = {m: one(*v) for m, v in heldout.items()}
+    for task, modes in (("addition", addition), ("reasoning", reasoning)):
+        res[task] = {"modes": {m: {"accuracy": a, "n": 30, "by_bucket": {}} for m, a in modes.items()}}
+    return res
+
+
+AUX_HEADS = (("pos", 52, 1, 1.0), ("ner", 39, 1, 1.0))
+SELF_PLUS1_HEADS = (("pos", 52, 2, 1.0), ("ner", 39, 2, 1.0))
+
+
+def test_modes_side_by_side_label_tags_and_keep_the_oracle_gain_share(tmp_path, capsys):
+    root = str(tmp_path)
+    accs = [0.1, 0.2, 0.3, 0.4]
+    plus1 = dict(addition={"unguided": 0.1, "guided": 0.6, "self": 0.4},
+                 reasoning={"unguided": 0.5, "guided": 0.8, "self": 0.6})
+    dirs = [
+        _fake_run(root, "base", (), 0, 0, accs, _mode_results({"main": (0.4, {})}, {"none": 0.1}, {"none": 0.5})),
+        _fake_run(root, "aux", (), 0, 0, accs,
+                  _mode_results({"main": (0.42, {"pos_ahead1": 0.8, "ner_ahead1": 0.9})}, {"none": 0.15},
+                                {"none": 0.55}), heads=AUX_HEADS),
+        _fake_run(root, "lime", META, 0, 0, accs,
+                  _mode_results({"main": (0.5, {}), "unguided": (0.35, {})}, {"reannotated": 0.3, "unguided": 0.1},
+                                {"reannotated": 0.7, "unguided": 0.5})),
+        # Two seeds of self-guided LIME+1: the arm shows their mean.
+        _fake_run(root, "plus1_self0", META, 1, 0, accs,
+                  _mode_results({"main": (0.7, {"pos_ahead2": 0.6}), "unguided": (0.3, {"pos_ahead2": 0.2}),
+                                 "self": (0.45, {"pos_ahead2": 0.5})}, **plus1), heads=SELF_PLUS1_HEADS),
+        _fake_run(root, "plus1_self1", META, 1, 1, accs,
+                  _mode_results({"main": (0.7, {"pos_ahead2": 0.6}), "unguided": (0.3, {"pos_ahead2": 0.2}),
+                                 "self": (0.55, {"pos_ahead2": 0.7})}, **plus1), heads=SELF_PLUS1_HEADS),
+    ]
+    out = str(tmp_path / "out")
+    assert report_cli.main([*dirs, "--out", out]) == 0
+    with open(os.path.join(out, "modes.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "report.json")) as f:
+        arms = json.load(f)["arms"]
+    assert list(arms) == ["baseline", "aux", "lime (oracle)", "lime+1+heads (oracle)"]
+    assert arms["aux"]["honest"] and not arms["lime+1+heads (oracle)"]["honest"]
+    held = arms["lime+1+heads (oracle)"]["modes"]["heldout"]
+    assert list(held) == ["main", "unguided", "self"]
+    # Self tags: the seeds' mean 0.5 against baseline 0.4 and oracle LIME 0.5 (held-out, own tags).
+    assert held["self"] == {"accuracy": pytest.approx(0.5), "honest": True, "gain_share": pytest.approx(1.0)}
+    assert held["main"]["gain_share"] == pytest.approx(3.0) and not held["main"]["honest"]
+    # Addition: against baseline `none` 0.1 and oracle LIME `reannotated` 0.3.
+    assert arms["lime+1+heads (oracle)"]["modes"]["addition"]["self"]["gain_share"] == pytest.approx(1.5)
+    assert arms["aux"]["modes"]["addition"]["none"]["gain_share"] == pytest.approx(0.25)
+    assert arms["lime+1+heads (oracle)"]["heads"] == {"pos_ahead2": {"main": 0.6, "unguided": 0.2,
+                                                                     "self": pytest.approx(0.6)}}
+    md = open(os.path.join(out, "report.md")).read()
+    assert "| aux | aux | none (targets only) | 0 |" in md  # the runs table
+    section = md[md.index("## Tag sources side by side"):]
+    for row in ("| baseline | heldout | main | none | 0.4000 | - |",
+                "| aux | heldout | main | none (targets only) | 0.4200 | 0.200 |",
+                "| lime (oracle) | heldout | main | oracle | 0.5000 | 1.000 |",
+                "| lime (oracle) | heldout | unguided | honest | 0.3500 | -0.500 |",
+                "| lime (oracle) | addition | reannotated | honest | 0.3000 | 1.000 |",  # each prefix re-tagged
+                "| lime (oracle) | reasoning | reannotated | oracle | 0.7000 | 1.000 |",  # prompt + answer as one
+                "| lime+1+heads (oracle) | heldout | main | oracle (its own targets' tags) | 0.7000 | 3.000 |",
+                "| lime+1+heads (oracle) | heldout | self | honest | 0.5000 | 1.000 |",
+                "| lime+1+heads (oracle) | addition | guided | oracle | 0.6000 | 2.500 |",
+                "| lime+1+heads (oracle) | reasoning | self | honest | 0.6000 | 0.500 |",
+                "![tag sources](modes.png)",
+                "| arm | head | main tags | unguided tags | self tags |",
+                "| aux | ner_ahead1 | 0.9000 | - | - |",
+                "| lime+1+heads (oracle) | pos_ahead2 | 0.6000 | 0.2000 | 0.6000 |"):
+        assert row in section, row
+    lines = capsys.readouterr().out
+    assert ("  heldout: main=0.7000 (oracle) unguided=0.3000 self=0.5000; addition: unguided=0.1000 "
+            "self=0.4000 guided=0.6000 (oracle); reasoning: unguided=0.5000 self=0.6000 guided=0.8000 (oracle)"
+            in lines)
+    assert "aux [none (targets only)]: final_acc=0.4000" in lines
 
 
 def test_seeds_pair_with_their_own_baseline(tmp_path):

@@ -286,6 +286,32 @@ def test_grad_accumulation_matches_full_batch(full_run, caches):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
 
 
+def test_grad_accumulation_with_tag_heads_matches_full_batch(caches):
+    """Each head's loss is a mean over its own targets: accumulation weights it by them, exactly."""
+    import jax
+    from flax import nnx
+
+    from lime_jax.data import loader
+    from lime_jax.model import Decoder, ModelConfig
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32", metadata=(("pos", 52),),
+                      tag_heads=(("pos", 52, 1, 0.7), ("ner", 39, 2, 1.3)))
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1,
+                                           tags=("pos",), heads=[("pos", 1), ("ner", 2)])))
+    out = []
+    for accum in (1, 4):
+        tx, sched = optim.make_optimizer(optim.OptimizerConfig(warmup_steps=0), 10)
+        step = jax.jit(step_lib.make_train_step(graphdef, tx, sched, accum))
+        state = TrainState(params=params, opt_state=tx.init(params), step=jax.numpy.zeros((), "int32"),
+                           rng=jax.random.key_data(jax.random.key(0)))
+        out.append(jax.device_get(step(state, batch)))
+    (s1, m1), (s4, m4) = out
+    for key in ("loss", "total_loss", "grad_norm", "pos_ahead1/loss", "ner_ahead2/accuracy"):
+        assert m1[key] == pytest.approx(m4[key], rel=1e-4), key
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1.params, s4.params)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(caches, tmp_path):
     model_dir = str(tmp_path / "term")
@@ -370,3 +396,29 @@ def test_metadata_dropout_step_trains_on_the_masked_batch(full_run, caches):
     _, m_plain = plain(state, batch)
     assert float(m_drop["loss"]) == pytest.approx(float(m_masked["loss"]), rel=1e-6)
     assert float(m_drop["loss"]) != pytest.approx(float(m_plain["loss"]), rel=1e-4)
+
+
+def test_tag_heads_train_log_and_evaluate(caches, tmp_path):
+    """The aux arm (baseline inputs + next-token tag heads): head losses fall, accuracies are logged
+    for training and held-out data, and the LM loss is the objective's other part."""
+    model_dir = str(tmp_path / "aux")
+    summary = train_lib.train(["runs/aux.gin"], _bindings(model_dir, caches))
+    rows = metrics_lib.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+    train = [r for r in rows if "train/pos_ahead1/loss" in r]
+    assert len(train) == STEPS
+    for head in ("pos_ahead1", "ner_ahead1"):
+        assert train[-1][f"train/{head}/loss"] < train[0][f"train/{head}/loss"]
+        assert 0.0 <= train[-1][f"train/{head}/accuracy"] <= 1.0
+    # The objective: LM cross entropy plus each head's weighted loss (lambda = 1 in aux.gin).
+    last = train[-1]
+    assert last["train/total_loss"] == pytest.approx(
+        last["train/loss"] + last["train/pos_ahead1/loss"] + last["train/ner_ahead1/loss"], rel=1e-5)
+    evals = [r for r in rows if "eval/pos_ahead1/accuracy" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert summary["eval_loss"] is not None
+
+
+def test_a_head_that_would_see_its_target_is_a_config_error(caches, tmp_path):
+    with pytest.raises(ConfigError, match="would see the tags they predict"):
+        train_lib.train(["runs/lime_plus1.gin"], _bindings(
+            str(tmp_path / "leaky"), caches, **{"ModelConfig.tag_heads": '(("pos", 52, 1, 1.0),)'}))

@@ -26,7 +26,9 @@ from lime_jax.annotation.annotator import AnnotatedDoc, Annotator
 from lime_jax.annotation.pipeline import FEATURES
 from lime_jax.annotation.spm import Tokenizer
 
-KINDS = ("oracle", "prefix", "tagger")
+# `self`: the model's own forecast of the tags it is fed (a run with tag heads, model/heads.py);
+# only evaluation and generation, which have the model, can use it.
+KINDS = ("oracle", "prefix", "tagger", "self")
 TAG_ROWS = ("pos", "ner")
 # spaCy runs once per piece over a prefix of the document: O(n^2) characters per document.
 DEFAULT_MAX_PIECES = 512
@@ -54,6 +56,7 @@ class TagSource:
             "oracle": "spaCy over the whole text (sees the text after each piece)",
             "prefix": "spaCy over the text up to and including each piece",
             "tagger": f"causal tagger {self.path} (pieces up to and including each piece)",
+            "self": "the model's own forecast from the pieces before each position (tag heads)",
         }[self.kind]
 
 
@@ -61,19 +64,27 @@ def is_honest(source: str, shift: int) -> bool:
     """Whether a model reading tags from `source` (`oracle`, `prefix`, `tagger:DIR`) with metadata
     shift `shift` never sees tags computed from text after the piece it predicts: an honest
     source for LIME (0) or the previous-piece arm (-1). LIME+1 (+1) reads the tags of the very
-    piece it predicts, so no source is honest for it (the one rule for results and reports)."""
-    return source.split(":", 1)[0] in KINDS[1:] and shift <= 0
+    piece it predicts, so no external source is honest for it; its own forecast (`self`, made
+    before the piece was seen) is honest for every shift (the one rule for results and reports)."""
+    kind = source.split(":", 1)[0]
+    return kind == "self" or (kind in ("prefix", "tagger") and shift <= 0)
 
 
 ORACLE = TagSource("oracle")
 PREFIX = TagSource("prefix")
 
 
-def parse_tag_source(text: str, flag: str = "--tags") -> TagSource:
-    """`oracle`, `prefix` or `tagger:DIR` -> TagSource; DIR must be an existing directory."""
+def parse_tag_source(text: str, flag: str = "--tags", allow_self: bool = False) -> TagSource:
+    """`oracle`, `prefix`, `tagger:DIR` (or `self` where `allow_self`) -> TagSource; DIR must be
+    an existing directory."""
     kind, sep, path = text.strip().partition(":")
+    choices = "oracle, prefix, tagger:DIR" + (" or self" if allow_self else "")
     if kind not in KINDS:
-        raise ValueError(f"{flag}: unknown tag source {text!r}; choose oracle, prefix or tagger:DIR")
+        raise ValueError(f"{flag}: unknown tag source {text!r}; choose {choices}")
+    if kind == "self" and not allow_self:
+        raise ValueError(f"{flag}: `self` tags are a trained model's forecast (a run with tag heads): "
+                         "`lime-jax generate --tags self` uses them, and `lime-jax eval` reports them as mode "
+                         f"`self` of such runs; choose {choices}")
     if kind != "tagger":
         if sep:
             raise ValueError(f"{flag}: tag source {kind!r} takes no ':{path}' (only tagger:DIR does)")

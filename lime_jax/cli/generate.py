@@ -3,6 +3,7 @@
     lime-jax generate --model_dir runs/quickstart/lime --prompt "The President said"
     lime-jax generate --model_dir DIR --prompt $'Q: What is 12 + 30?\\nA:' --guide "CD CD"
     lime-jax generate --model_dir DIR --prompt $'Q: What is 12 + 30?\\nA:' --guide-from " 42"
+    lime-jax generate --model_dir DIR --prompt "The President said" --tags self   # a run with tag heads
 
 lime_jax.inference.generate describes where the tags of generated tokens come from.
 """
@@ -35,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--cache_dir", default=None, help="cache holding spm.model and the tag vocabularies "
                    "(default: the run's training cache)")
-    p.add_argument("--tags", default="prefix",
-                   help="LIME and previous-piece runs: how the prompt and each generated piece get their tags: "
-                        "prefix (spaCy re-annotates the decoded text after every step) or tagger:DIR (the causal "
-                        "tagger; no spaCy at inference)")
+    p.add_argument("--tags", default=None,
+                   help="where tags come from: LIME and previous-piece runs: prefix (default; spaCy re-annotates the "
+                        "decoded text after every step), tagger:DIR (the causal tagger) or self (the run's tag heads "
+                        "forecast them; no spaCy); LIME+1: self (no guide needed), oracle (with --guide-from); "
+                        "without --tags a LIME+1 run forecasts the steps a guide leaves open when it has tag heads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     from lime_jax.annotation import tag_sources
@@ -46,18 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     from lime_jax.inference import model_dir
 
     try:
-        tags = tag_sources.parse_tag_source(args.tags)
+        tags = None if args.tags is None else tag_sources.parse_tag_source(args.tags, allow_self=True)
     except ValueError as e:
         p.error(str(e))
-    if tags.kind == "oracle":
-        p.error("--tags oracle: generated text has no whole-document annotation to take tags from; "
-                "use prefix or tagger:DIR (LIME+1 takes --guide / --guide-from instead)")
 
     try:
         loaded = model_dir.load(args.model_dir, step=args.step, cache_dir=args.cache_dir)
+        tagger = load_tagger(tags, loaded) if tags is not None and tags.kind == "tagger" else None
         res = generate.generate(loaded, args.prompt, max_new=args.max_new, guide=args.guide,
                                 guide_from=args.guide_from, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, tagger=load_tagger(tags, loaded))
+                                top_p=args.top_p, seed=args.seed, tags=tags, tagger=tagger)
     except (model_dir.ModelDirError, generate.GuideError, ValueError) as e:
         print(f"lime-jax generate: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from grain.experimental import (FirstFitPackIterDataset, FlatMapIterDataset,
                                 FlatMapTransform, batch_and_pad)
 
 from lime_jax.data import cache, packing
+from lime_jax.features import target_feature
 
 PACKED_FEATURE = "columns"  # the single packed feature: [L, 2 + K] int32, see packing.piece_columns
 
@@ -38,10 +39,11 @@ class _PieceAndShift(FlatMapTransform):
     seq_len: int
     tag_rows: tuple[int, ...]
     shift: int
+    head_rows: tuple[tuple[int, int], ...] = ()
     max_fan_out: int = 1 << 30  # long documents make many pieces; grain checks it only on maps
 
     def flat_map(self, doc_FxL):
-        return [{PACKED_FEATURE: packing.piece_columns(piece, list(self.tag_rows), self.shift)}
+        return [{PACKED_FEATURE: packing.piece_columns(piece, list(self.tag_rows), self.shift, list(self.head_rows))}
                 for piece in packing.split_document(doc_FxL, self.seq_len)]
 
 
@@ -49,9 +51,9 @@ def _decode(record: bytes, num_features: int) -> np.ndarray:
     return cache.read_document(record, num_features)
 
 
-def _to_contract(packed: Mapping[str, np.ndarray], tag_names: tuple[str, ...]):
+def _to_contract(packed: Mapping[str, np.ndarray], tag_names: tuple[str, ...], head_features: tuple[str, ...]):
     return packing.columns_to_batch(packed[PACKED_FEATURE], packed[f"{PACKED_FEATURE}_segment_ids"],
-                                    packed[f"{PACKED_FEATURE}_positions"], list(tag_names))
+                                    packed[f"{PACKED_FEATURE}_positions"], list(tag_names), list(head_features))
 
 
 def _process_index_and_count() -> tuple[int, int]:
@@ -89,6 +91,7 @@ def build_dataset(
     read_threads: int = 4,
     read_buffer_size: int = 256,
     tags: Sequence[str] | None = None,
+    heads: Sequence[tuple[str, int]] = (),
     expected_vocab_sizes: Mapping[str, int] | None = None,
     check_hashes: bool = True,
     num_packing_bins: int | None = None,
@@ -109,6 +112,8 @@ def build_dataset(
       read_threads, read_buffer_size: grain ReadOptions (its defaults are slow here).
       tags: tag names to feed the model (`pos`, `ner`); default all tags in the cache;
         `()` for the baseline.
+      heads: `(tag name, ahead)` of each tag head (model/heads.py): adds its target feature
+        `decoder_target_<name>_ahead<k>`.
       expected_vocab_sizes: `{feature: size}` the config asks for; a cache built with other
         sizes raises CacheError before any batch.
       check_hashes: verify every shard's sha256 against the manifest first.
@@ -122,12 +127,13 @@ def build_dataset(
     features = manifest["features"]
     available = tag_feature_names(manifest)
     tag_names = tuple(available if tags is None else tags)
-    missing = [t for t in tag_names if t not in available]
+    missing = [t for t in tag_names + tuple(n for n, _ in heads) if t not in available]
     if missing:
         raise cache.CacheError(
             f"{os.path.join(cache_dir, cache.MANIFEST_NAME)}: field 'features': the config "
             f"asks for tags {missing}, the cache has {available}")
     tag_rows = tuple(features.index(f"targets_{t}") for t in tag_names)
+    head_rows = tuple((features.index(f"targets_{n}"), a) for n, a in heads)
 
     if shard_index is None or shard_count is None:
         auto_index, auto_count = _process_index_and_count()
@@ -151,8 +157,9 @@ def build_dataset(
     ds = ds.map(functools.partial(_decode, num_features=len(features)))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=read_buffer_size))
-    pieces = FlatMapIterDataset(ids, _PieceAndShift(seq_len, tag_rows, shift))
+    pieces = FlatMapIterDataset(ids, _PieceAndShift(seq_len, tag_rows, shift, head_rows))
     out = pack_and_batch(pieces, seq_len, batch_size, tag_names, seed=seed,
+                         head_features=[target_feature(n, a) for n, a in heads],
                          padded_last_batch=num_epochs is not None,
                          num_packing_bins=num_packing_bins)
     if worker_count > 0:
@@ -164,8 +171,8 @@ def build_dataset(
 
 def pack_and_batch(pieces: grain.IterDataset, seq_len: int, batch_size: int,
                    tag_names: Sequence[str], *, seed: int, padded_last_batch: bool,
-                   num_packing_bins: int | None = None) -> grain.IterDataset:
-    """Pieces (`{"columns": [N, 2 + K]}`, see `packing.piece_columns`) -> contract batches.
+                   num_packing_bins: int | None = None, head_features: Sequence[str] = ()) -> grain.IterDataset:
+    """Pieces (`{"columns": [N, 2 + K + H]}`, see `packing.piece_columns`) -> contract batches.
 
     First-fit packing into `num_packing_bins` rows at a time, then batches of `batch_size` rows;
     `padded_last_batch` pads a final short batch instead of dropping it. Shared by this loader
@@ -180,7 +187,8 @@ def pack_and_batch(pieces: grain.IterDataset, seq_len: int, batch_size: int,
             batch_and_pad, batch_size=batch_size))
     else:
         batched = packed.batch(batch_size, drop_remainder=True)
-    return batched.map(functools.partial(_to_contract, tag_names=tuple(tag_names)))
+    return batched.map(functools.partial(_to_contract, tag_names=tuple(tag_names),
+                                         head_features=tuple(head_features)))
 
 
 def checkpoint_save_args(iterator):

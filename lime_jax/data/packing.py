@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lime_jax.ids import BOS_INPUT_ID, NONE_ID
+from lime_jax.ids import BOS_INPUT_ID, NONE_ID, PAD_ID
 
 
 def split_document(doc_FxL: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -50,25 +50,44 @@ def input_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
     return shift_tags(np.concatenate([bos_Kx1, tags_KxN], axis=-1), shift)[..., :-1]
 
 
-def piece_columns(piece_FxN: np.ndarray, tag_rows: list[int], shift: int) -> np.ndarray:
-    """One segment as an [N, 2 + K] array: target tokens, input tokens, then K metadata inputs.
+def head_targets(tags_N: np.ndarray, ahead: int) -> np.ndarray:
+    """A tag head's targets (model/heads.py): position i of a segment gets the tag of token
+    t_{i+ahead} (t_0 = BOS, t_j = target j-1), PAD (0, no target) where that is BOS or past the end."""
+    n = len(tags_N)
+    out_N = np.full(n, PAD_ID, np.int32)
+    lo, hi = max(1 - ahead, 0), min(n, n - ahead + 1)  # t_0 (BOS) has no tag to predict
+    if lo < hi:
+        out_N[lo:hi] = tags_N[lo + ahead - 1:hi + ahead - 1]
+    return out_N
 
-    Row 0 of `piece_FxN` is `targets`; `tag_rows` selects the tag features to feed the model.
+
+def piece_columns(piece_FxN: np.ndarray, tag_rows: list[int], shift: int,
+                  head_rows: list[tuple[int, int]] = ()) -> np.ndarray:
+    """One segment as an [N, 2 + K + H] array: target tokens, input tokens, K metadata inputs, then
+    H tag-head targets.
+
+    Row 0 of `piece_FxN` is `targets`; `tag_rows` selects the tag features to feed the model;
+    `head_rows` the (feature row, ahead) of each tag head.
     """
     targets_N = piece_FxN[0]
     n = targets_N.shape[0]
-    cols_CxN = np.empty((2 + len(tag_rows), n), dtype=np.int32)
+    k = len(tag_rows)
+    cols_CxN = np.empty((2 + k + len(head_rows), n), dtype=np.int32)
     cols_CxN[0] = targets_N
     cols_CxN[1, 0] = BOS_INPUT_ID
     cols_CxN[1, 1:] = targets_N[:-1]
     if tag_rows:
-        cols_CxN[2:] = input_tags(piece_FxN[tag_rows], shift)
+        cols_CxN[2:2 + k] = input_tags(piece_FxN[tag_rows], shift)
+    for h, (row, ahead) in enumerate(head_rows):
+        cols_CxN[2 + k + h] = head_targets(piece_FxN[row], ahead)
     return np.ascontiguousarray(cols_CxN.T)
 
 
 def columns_to_batch(packed_BxLxC: np.ndarray, segment_ids_BxL: np.ndarray,
-                     positions_BxL: np.ndarray, tag_names: list[str]) -> dict[str, np.ndarray]:
-    """Packed [B, L, 2 + K] columns -> the batch contract's `decoder_*` arrays (int32 [B, L])."""
+                     positions_BxL: np.ndarray, tag_names: list[str],
+                     head_features: list[str] = ()) -> dict[str, np.ndarray]:
+    """Packed [B, L, 2 + K + H] columns -> the batch contract's `decoder_*` arrays (int32 [B, L]);
+    `head_features` names the H tag-head target columns."""
     segment_ids_BxL = segment_ids_BxL.astype(np.int32)
     real_BxL = segment_ids_BxL > 0
     batch = {
@@ -81,4 +100,6 @@ def columns_to_batch(packed_BxLxC: np.ndarray, segment_ids_BxL: np.ndarray,
     }
     for k, name in enumerate(tag_names):
         batch[f"decoder_input_{name}"] = packed_BxLxC[..., 2 + k]
+    for h, feature in enumerate(head_features):
+        batch[feature] = packed_BxLxC[..., 2 + len(tag_names) + h]
     return {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in batch.items()}

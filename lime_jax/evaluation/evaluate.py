@@ -12,12 +12,16 @@ Tasks:
 - `addition`: `Q: What is A + B?\\nA:` problems (lime_jax.data.synthetic, the tasks' test seed),
   exact match of greedy decoding, per digit count.
 - `reasoning`: templated stories; accuracy of choosing the answer by summed log-likelihood.
-Modes, by run: the baseline has one (`none`); LIME and the leakage control one (`reannotated`:
-generated or scored text is re-annotated, as `lime-jax generate` does); LIME+1 two: `unguided`
-(tag id 0, PAD, which adds no metadata, where the model would see the tags of answer tokens)
-and `guided` (oracle tags from annotating prompt + gold answer, as in the paper). For held-out
-text and cloze items, tags come from annotating the whole document, as in training (LIME+1
-cloze: `guided` uses the word's own tags, `unguided` PAD on the positions that predict it).
+Modes, by run: the baseline has one (`none`); LIME and the leakage control `reannotated`
+(generated or scored text is re-annotated, as `lime-jax generate` does) and `unguided` (PAD,
+tag id 0, which adds no metadata, everywhere); LIME+1 `unguided` (PAD where the model would see
+the tags of answer tokens) and `guided` (oracle tags from annotating prompt + gold answer, as in
+the paper). A run with tag heads that forecast its input tags (model/heads.py) adds `self`:
+every tag, the prompt's too, is the model's own forecast (lime_jax.inference.self_tags), honest
+for any shift. For held-out text and cloze items, tags come from annotating the whole document,
+as in training (LIME+1 cloze: `guided` uses the word's own tags, `unguided` PAD on the positions
+that predict it); held-out text also reports `modes` (`unguided`, `self`) and each tag head's
+accuracy against the cache's tags (`heads`).
 
 Tag source (`--tags`, lime_jax.annotation.tag_sources), for LIME and the previous-piece arm:
 `oracle` (the default: the cache's tags, spaCy over whole documents, which see the text after
@@ -45,6 +49,7 @@ from lime_jax.annotation import tag_sources
 from lime_jax.annotation.retag import retag_documents
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import packing
+from lime_jax.features import head_id
 from lime_jax.ids import NONE_ID, PAD_ID
 
 TASKS = ("heldout", "lambada", "addition", "reasoning")
@@ -135,17 +140,24 @@ class Scorer:
 
         def fwd(state, batch):
             model = nnx.merge(graphdef, state)
-            logits_BxLxV = model(batch["tokens"], {n: batch[n] for n in self.names},
-                                 segment_ids=batch["segments"], positions=batch["positions"])
+            logits_BxLxV, heads = model.forward(batch["tokens"], {n: batch[n] for n in self.names},
+                                                segment_ids=batch["segments"], positions=batch["positions"])
             logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
             tgt_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-            return logz_BxL - tgt_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]
+            return (logz_BxL - tgt_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"],
+                    {h: jnp.argmax(v, axis=-1) for h, v in heads.items()})
 
         self._fwd = jax.jit(fwd)
 
     def score(self, rows: Sequence[dict], length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Rows (dicts of 1-D arrays `tokens`, `targets`, `segments`, `positions` and one per
         table, all of one length <= `length`, padded here) -> per row (nll [n], hits [n])."""
+        for nll, hits, _ in self.score_with_heads(rows, length):
+            yield nll, hits
+
+    def score_with_heads(self, rows: Sequence[dict], length: int):
+        """`score` plus, per row, {head id: hits [m]} of each tag head against the row's
+        `head:<id>` targets (PAD targets excluded)."""
         keys = ("tokens", "targets", "segments", "positions", *self.names)
         for start in range(0, len(rows), self.rows):
             chunk = rows[start:start + self.rows]
@@ -153,22 +165,46 @@ class Scorer:
             for r, row in enumerate(chunk):
                 for k in keys:
                     batch[k][r, :len(row[k])] = row[k]
-            nll, hits = self._fwd(self._state, batch)
-            nll, hits = np.asarray(nll), np.asarray(hits)
+            nll, hits, heads = self._fwd(self._state, batch)
+            nll, hits, heads = np.asarray(nll), np.asarray(hits), {h: np.asarray(v) for h, v in heads.items()}
             for r, row in enumerate(chunk):
                 n = len(row["targets"])
-                yield nll[r, :n], hits[r, :n]
+                head_hits = {}
+                for h, pred in heads.items():
+                    tgt = row.get(f"head:{h}")
+                    if tgt is not None:
+                        head_hits[h] = (pred[r, :n] == tgt)[tgt != PAD_ID]
+                yield nll[r, :n], hits[r, :n], head_hits
 
 
-def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[str], shift: int) -> dict:
-    """One document piece as a row in the batch contract (one segment, BOS input first)."""
-    cols = packing.piece_columns(piece_FxN, list(tag_rows), shift)
+def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[str], shift: int,
+                head_rows: Sequence[tuple[str, int, int]] = ()) -> dict:
+    """One document piece as a row in the batch contract (one segment, BOS input first), with the
+    targets `head:<id>` of each tag head `(id, feature row, ahead)` in `head_rows`."""
+    cols = packing.piece_columns(piece_FxN, list(tag_rows), shift, [(r, a) for _, r, a in head_rows])
     n = piece_FxN.shape[1]
     row = {"targets": cols[:, 0], "tokens": cols[:, 1], "segments": np.ones(n, np.int32),
            "positions": np.arange(n, dtype=np.int32)}
     for k, name in enumerate(names):
         row[name] = cols[:, 2 + k]
+    for h, (hid, _, _) in enumerate(head_rows):
+        row[f"head:{hid}"] = cols[:, 2 + len(names) + h]
     return row
+
+
+def _head_rows(loaded, manifest: dict) -> list[tuple[str, int, int]]:
+    """(head id, feature row, ahead) of each tag head whose tags the eval cache holds."""
+    features = manifest["features"]
+    return [(head_id(n, a), features.index(f"targets_{n}"), a) for n, _, a, _ in loaded.cfg.tag_heads
+            if f"targets_{n}" in features]
+
+
+def _head_accuracy(hits: dict[str, list[np.ndarray]]) -> dict:
+    out = {}
+    for h, parts in sorted(hits.items()):
+        allh = np.concatenate(parts) if parts else np.zeros(0, bool)
+        out[h] = {"accuracy": float(allh.mean()) if len(allh) else float("nan"), "n": int(len(allh))}
+    return out
 
 
 def _rows_of(manifest: dict, names: Sequence[str]) -> tuple[list[int], int]:
@@ -184,26 +220,55 @@ def _rows_of(manifest: dict, names: Sequence[str]) -> tuple[list[int], int]:
 # ----------------------------------------------------------------------------- tasks
 
 
-def eval_heldout(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: dict) -> dict:
+def eval_heldout(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: dict, inc=None,
+                 target_docs: Sequence[np.ndarray] | None = None) -> dict:
+    """Held-out loss, accuracy and cohesion with the tags of `docs`; each tag head's accuracy
+    against the tags of `target_docs` (default `docs`; the cache's own, spaCy's); and, for a run with
+    metadata, `modes`: `unguided` (PAD, no metadata anywhere) and, with tag heads that forecast its
+    input tags, `self` (the model's own forecasts, `self_tags.score_self`, through `inc`)."""
+    from lime_jax.inference import self_tags
+
     names, shift, seq_len = loaded.cfg.metadata_names, loaded.shift, loaded.run.seq_len
     tag_rows, si_row = _rows_of(manifest, names)
+    head_rows = _head_rows(loaded, manifest)
     rows, places, lengths = [], [], []
-    for doc in docs:
+    for d, doc in enumerate(docs):
         place, length = word_places(doc[si_row])
         for start in range(0, doc.shape[1], seq_len):
-            rows.append(segment_row(doc[:, start:start + seq_len], tag_rows, names, shift))
+            row = segment_row(doc[:, start:start + seq_len], tag_rows, names, shift, head_rows)
+            if target_docs is not None and head_rows:
+                gold = segment_row(target_docs[d][:, start:start + seq_len], tag_rows, names, shift, head_rows)
+                row.update({k: v for k, v in gold.items() if k.startswith("head:")})
+            rows.append(row)
             places.append(place[start:start + seq_len])
             lengths.append(length[start:start + seq_len])
-    nll_sum, correct, total = 0.0, 0, 0
-    cohesion = CohesionCounter()
-    for (nll, hits), place, length in zip(scorer.score(rows, seq_len), places, lengths):
-        nll_sum += float(nll.sum())
-        correct += int(hits.sum())
-        total += len(hits)
-        cohesion.add(place, length, hits, np.ones(len(hits)))
-    loss = nll_sum / max(total, 1)
-    return {"tokens": total, "documents": len(docs), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "accuracy": correct / max(total, 1), "cohesion": cohesion.result()}
+
+    def summary(scored) -> dict:
+        nll_sum, correct, total = 0.0, 0, 0
+        cohesion, head_hits = CohesionCounter(), {}
+        for (nll, hits, hh), place, length in zip(scored, places, lengths):
+            nll_sum += float(nll.sum())
+            correct += int(hits.sum())
+            total += len(hits)
+            cohesion.add(place, length, hits, np.ones(len(hits)))
+            for h, v in hh.items():
+                head_hits.setdefault(h, []).append(v)
+        loss = nll_sum / max(total, 1)
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(total, 1),
+               "cohesion": cohesion.result()}
+        if head_hits:
+            out["heads"] = _head_accuracy(head_hits)
+        return out
+
+    res = {"tokens": sum(len(r["targets"]) for r in rows), "documents": len(docs),
+           **summary(scorer.score_with_heads(rows, seq_len))}
+    if names:
+        pad_rows = [{**r, **{n: np.full_like(r[n], PAD_ID) for n in names}} for r in rows]
+        res["modes"] = {"unguided": summary(scorer.score_with_heads(pad_rows, seq_len))}
+        if inc is not None and any(self_tags.forecast_heads(loaded.cfg, shift)):
+            scored = self_tags.score_self(inc, shift, rows, seq_len, batch_rows=64)
+            res["modes"]["self"] = summary((nll, hits, hh) for nll, hits, _, hh in scored)
+    return res
 
 
 def cloze_items(docs: Sequence[np.ndarray], manifest: dict, pos_vocab, seq_len: int, min_context: int,
@@ -243,7 +308,7 @@ def eval_lambada(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: d
     if "pos" not in loaded.vocabs:
         raise ValueError("cloze items need the POS vocabulary (vocab_pos.json beside the cache)")
     items = cloze_items(docs, manifest, loaded.vocabs["pos"], seq_len, min_context, max_items=max_items)
-    modes = _modes(loaded)
+    modes = [m for m in _modes(loaded) if m != "self"]  # cloze is scored with the given tags only
     out = {"items": len(items), "modes": {}}
     if not items:
         return out
@@ -262,9 +327,13 @@ def eval_lambada(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: d
 
 
 def _modes(loaded) -> list[str]:
+    """Where the tags of generated or scored text come from, per task (module docstring)."""
+    from lime_jax.inference import self_tags
+
     if not loaded.cfg.metadata:
         return ["none"]
-    return ["unguided", "guided"] if loaded.shift >= 1 else ["reannotated"]
+    modes = ["unguided", "guided"] if loaded.shift >= 1 else ["reannotated", "unguided"]
+    return modes + (["self"] if any(self_tags.forecast_heads(loaded.cfg, loaded.shift)) else [])
 
 
 def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> tuple[list, list]:
@@ -279,10 +348,14 @@ def _prompt_and_answers(loaded, examples: Sequence[dict], answers_key: str) -> t
     return prompt_feats, split
 
 
-def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=None, tagger=None) -> dict:
+def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=None, tagger=None,
+                  inc=None) -> dict:
     """`tag_fn` (an honest source) re-tags the prompts; generated pieces are re-tagged by spaCy on
-    the decoded prefix (the `prefix` source) or by `tagger`."""
+    the decoded prefix (the `prefix` source) or by `tagger` (mode `reannotated`). `unguided`: PAD
+    wherever the model would be fed the tags of generated pieces (LIME: everywhere); `self`: every
+    tag is the model's forecast, the prompt's too."""
     from lime_jax.data import synthetic
+    from lime_jax.inference import self_tags
     from lime_jax.inference.generate import decode_batch, make_retagger, oracle_guide, tag_rows
     from lime_jax.model.decode import IncrementalDecoder
 
@@ -291,12 +364,15 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=
     prompt_feats, split = _prompt_and_answers(loaded, examples, "answer")
     if tag_fn is not None:
         tag_sources.write_tags(tag_fn([f[0] for f in prompt_feats]), prompt_feats)
-    inc = IncrementalDecoder(loaded.model)
+    inc = inc or IncrementalDecoder(loaded.model)
     tok = loaded.tokenizer
-    retag = make_retagger(loaded, tagger) if loaded.cfg.metadata and loaded.shift < 1 else None
+    lime = loaded.cfg.metadata and loaded.shift < 1
     out = {"n": len(examples), "max_digits": max_digits, "modes": {}}
     for mode in _modes(loaded):
         hits, samples = [], []
+        forecast = self_tags.forecast_heads(loaded.cfg, loaded.shift) if mode == "self" else None
+        retag = (make_retagger(loaded, tagger) if mode == "reannotated" else
+                 _pad_tags(len(rows)) if mode == "unguided" and lime else None)
         for start in range(0, len(examples), batch_rows):
             idx = range(start, min(start + batch_rows, len(examples)))
             if mode == "guided":
@@ -305,9 +381,12 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=
             else:
                 prompts = [prompt_feats[i] for i in idx]
                 guides = None
+            prompt_tags = ([None] * len(prompts) if mode == "self" else
+                           [np.zeros_like(p[rows]) for p in prompts] if mode == "unguided" and lime else
+                           [p[rows] for p in prompts])
             max_new = max(split[i][0][1].shape[1] for i in idx) + 1
-            decoded = decode_batch(inc, loaded.shift, [p[0] for p in prompts], [p[rows] for p in prompts],
-                                   max_new, guides=guides, retag=retag)
+            decoded = decode_batch(inc, loaded.shift, [p[0] for p in prompts], prompt_tags,
+                                   max_new, guides=guides, retag=retag, forecast_heads=forecast)
             for i, dec in zip(idx, decoded):
                 text = tok.decode(dec.ids)
                 hits.append(text.strip() == examples[i]["answer"].strip())
@@ -320,8 +399,16 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=
     return out
 
 
-def eval_reasoning(loaded, scorer: Scorer, n: int, tag_fn=None) -> dict:
+def _pad_tags(num_tables: int):
+    """A retagger that gives every piece PAD (no metadata): LIME's unguided mode."""
+    return lambda seqs: [np.zeros((num_tables, len(s)), np.int32) for s in seqs]
+
+
+def eval_reasoning(loaded, scorer: Scorer, n: int, tag_fn=None, inc=None) -> dict:
+    """Answer choice by summed log-likelihood; LIME+1's `guided`/`unguided` set the answer's tags
+    (`_lime_plus1_answer_tags`), LIME's `unguided` feeds PAD everywhere, `self` the model's forecast."""
     from lime_jax.data import synthetic
+    from lime_jax.inference import self_tags
     from lime_jax.inference.generate import tag_rows
 
     examples = synthetic.reasoning_examples(n, seed=TEST_SEED)
@@ -343,12 +430,16 @@ def eval_reasoning(loaded, scorer: Scorer, n: int, tag_fn=None) -> dict:
                 full = np.concatenate([prompt_f, choice_f], axis=1)[:, -seq_len:]
                 row = segment_row(full, rows, names, shift)
                 n_choice = choice_f.shape[1]
-                if mode in ("guided", "unguided"):
+                if mode in ("guided", "unguided") and shift >= 1:
                     _lime_plus1_answer_tags(row, names, full[rows], n_choice, mode, gold_tags)
+                elif mode == "unguided":
+                    row.update({name: np.full_like(row[name], PAD_ID) for name in names})
                 score_rows.append(row)
                 owners.append((i, n_choice))
+        scored = ((nll, hits) for nll, hits, *_ in self_tags.score_self(inc, shift, score_rows, seq_len, 64)) \
+            if mode == "self" else scorer.score(score_rows, seq_len)
         scores: dict[int, list[float]] = {}
-        for (i, n_choice), (nll, _) in zip(owners, scorer.score(score_rows, seq_len)):
+        for (i, n_choice), (nll, _) in zip(owners, scored):
             scores.setdefault(i, []).append(-float(nll[-n_choice:].sum()))
         hits = [int(np.argmax(scores[i])) == e["choices"].index(e["answer"]) for i, e in enumerate(examples)]
         out["modes"][mode] = bucket_accuracy(hits, [e["template"] for e in examples])
@@ -395,7 +486,9 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
             raise ValueError(f"tag source {tags}: pass the loaded tagger")
         tag_fn = tag_sources.tag_function(tags, loaded.tokenizer, loaded.processor.annotator, tagger=tagger,
                                           max_pieces=max(tag_sources.DEFAULT_MAX_PIECES, loaded.run.seq_len))
-    scorer = Scorer(loaded, batch_rows)
+    from lime_jax.model.decode import IncrementalDecoder
+
+    scorer, inc = Scorer(loaded, batch_rows), IncrementalDecoder(loaded.model)
     res = {"model_dir": loaded.run.model_dir, "step": loaded.step, "arm": loaded.run.arm,
            "shift": loaded.shift, "tokens_per_step": loaded.run.tokens_per_step,
            "tokens_seen": loaded.step * loaded.run.tokens_per_step, "modes": _modes(loaded),
@@ -414,13 +507,13 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
     for task in tasks:
         t0 = time.perf_counter()
         if task == "heldout":
-            res[task] = eval_heldout(loaded, scorer, input_docs, manifest)
+            res[task] = eval_heldout(loaded, scorer, input_docs, manifest, inc, target_docs=docs)
         elif task == "lambada":
             res[task] = eval_lambada(loaded, scorer, docs, manifest, cloze_context, cloze_items_max, input_docs)
         elif task == "addition":
-            res[task] = eval_addition(loaded, addition_n, addition_digits, tag_fn=tag_fn, tagger=tagger)
+            res[task] = eval_addition(loaded, addition_n, addition_digits, tag_fn=tag_fn, tagger=tagger, inc=inc)
         elif task == "reasoning":
-            res[task] = eval_reasoning(loaded, scorer, reasoning_n, tag_fn)
+            res[task] = eval_reasoning(loaded, scorer, reasoning_n, tag_fn, inc)
         res[task]["seconds"] = round(time.perf_counter() - t0, 2)
         # Held-out text and cloze read the cache's tags (or --tags); addition and reasoning tag the
         # text they make with --tags: each task names its own source.
@@ -456,6 +549,12 @@ def summary_lines(res: dict) -> list[str]:
         places = h["cohesion"]["by_place"]
         lines.append("  cohesion (accuracy by place in word): " +
                      " ".join(f"{p}:{v['accuracy']:.3f}" for p, v in places.items()))
+        for mode, m in h.get("modes", {}).items():
+            lines.append(f"  heldout {mode}: loss={m['loss']:.4f} accuracy={m['accuracy']:.4f}")
+        for mode, m in [("main", h), *h.get("modes", {}).items()]:
+            if m.get("heads"):
+                lines.append(f"  tag heads ({mode} tags): " +
+                             " ".join(f"{k}={v['accuracy']:.3f}" for k, v in m["heads"].items()))
     for task in ("lambada", "addition", "reasoning"):
         if task in res:
             modes = res[task]["modes"]

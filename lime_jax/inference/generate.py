@@ -6,22 +6,25 @@ Where the tags of the generated tokens come from depends on the run's metadata s
   supplies them ("metadata guidance"):
     `--guide` lists the tags of the tokens to come, one entry per token: `CD CD .`, entries
       `POS` or `POS/NER` (`NNP/B-PERSON`); NER defaults to `O`; `NONE` is the tag of a piece
-      without a word (whitespace, end of text); `-` leaves a step unguided.
+      without a word (whitespace, end of text); `-` leaves a step to the model: its own forecast
+      when the run has tag heads (gin/runs/lime_plus1_self.gin), else PAD (unguided).
       Or JSON: `[{"pos": "CD", "ner": "B-CARDINAL"}, ...]` or `{"pos": [...], "ner": [...]}`.
       Entries are per SentencePiece token: a piece of whitespace only (a lone "▁", e.g. before
       digits, " 42" -> "▁" "4" "2") is a step of its own with tag NONE (`NONE CD CD`).
     `--guide-from TEXT` annotates prompt + TEXT with the training pipeline and uses the tags of
       TEXT's tokens, then NONE, the tag of the EOS that ends TEXT (oracle guidance, as in the
       paper). TEXT is appended to the prompt as given (start it with a space where one belongs).
+  `--tags self`: no guide, every tag (the prompt's too) is the model's forecast (no spaCy).
   Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS; with
   `--guide-from`, len(TEXT's tokens) + 1, the oracle's end-of-text step). A guide shorter than
-  `--max-new` guides the first steps and then continues unguided. An unguided step gets tag
+  `--max-new` guides the first steps and then continues as `-` steps. An unguided step gets tag
   id 0 (PAD), which adds nothing to the embedding: the model predicts from the tokens alone
   (not NONE, which would tell it the text ends). A guide longer than `--max-new` is an error.
-  Without a guide every step is unguided.
+  Without a guide every step is a `-` step.
 - LIME (shift 0) and the previous-piece arm (shift -1): `--tags prefix` (default) tags the
   prompt by spaCy over each of its prefixes and every generated token by re-annotating the
-  decoded text after each step; `--tags tagger:DIR` uses the causal tagger for both (no spaCy).
+  decoded text after each step; `--tags tagger:DIR` uses the causal tagger for both (no spaCy);
+  `--tags self` takes both from the run's tag heads (lime_jax.inference.self_tags; no spaCy).
   The KV cache keeps what each position was fed; for shift -1 the tag fed for piece i-1 comes
   from the re-annotation that includes piece i (text before the piece being predicted).
   Guides are rejected.
@@ -39,8 +42,11 @@ import numpy as np
 from lime_jax.annotation.vocab import TagVocab, UnknownTagError
 from lime_jax.ids import EOS_ID, NONE_ID, PAD_ID
 
+# A guide entry left to the model: its forecast (`self_tags`), or PAD (no metadata) when the
+# model has no tag head for it. Never fed to the model as an id.
+FORECAST_ID = -1
 # Guide entries that stand for a whole step (every tag type), not a tag name.
-STEP_TAGS = {"NONE": NONE_ID, "<none>": NONE_ID, "-": PAD_ID}  # "-": unguided, no metadata
+STEP_TAGS = {"NONE": NONE_ID, "<none>": NONE_ID, "-": FORECAST_ID}
 
 
 class GuideError(ValueError):
@@ -116,11 +122,12 @@ def decode_batch(
     inc,
     shift: int,
     prompts: Sequence[np.ndarray],
-    prompt_tags: Sequence[np.ndarray],
+    prompt_tags: Sequence[np.ndarray | None],
     max_new: int,
     *,
     guides: Sequence[np.ndarray | None] | None = None,
     retag: Callable[[list[list[int]]], list[np.ndarray]] | None = None,
+    forecast_heads: Sequence[str | None] | None = None,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -129,54 +136,94 @@ def decode_batch(
     """Generates up to `max_new` tokens after each prompt (one batch, left-padded).
 
     `prompts[b]`: piece ids t_1..t_n (no BOS, no EOS); `prompt_tags[b]`: int32 [K, n] for the
-    model's K tables (K = 0 for the baseline). Position i of a row sees the tags of token
-    t_{i + shift} (t_0 = BOS: NONE). Tags of tokens past the prompt come from `guides[b]`
-    ([K, G], then PAD: no metadata) for shift +1, from `retag(sequences)` (tags of every token of each
-    sequence) for shift <= 0. `Decoded.tags` holds, per generated token, the tags that stand
-    for it: the guide entry the model saw when predicting it (shift +1) or its re-annotation.
+    model's K tables (K = 0 for the baseline), or None to take the prompt's tags from the model's
+    forecast too. Position i of a row sees the tags of token t_{i + shift} (t_0 = BOS: NONE).
+    Tags of tokens past the prompt come from `guides[b]` ([K, G]; FORECAST entries and the steps
+    after the guide: the forecast, or PAD = no metadata without `forecast_heads`) for shift +1;
+    for shift <= 0 from the forecast when `forecast_heads` is given (`self_tags.forecast_heads`),
+    else from `retag(sequences)` (tags of every token of each sequence). `Decoded.tags` holds,
+    per generated token, the tags that stand for it: the ones the model was fed for it.
     """
+    from lime_jax.inference import self_tags
+
     cfg = inc.cfg
     names = cfg.metadata_names
     K, B = len(names), len(prompts)
+    forecasting = bool(K and forecast_heads is not None and any(forecast_heads))
     if not K:
         source = "none"
     elif shift >= 1:
         source = "guide"
+    elif forecasting:
+        source = "self"
     else:
         source = "retag"
         if retag is None:
-            raise ValueError(f"a model with metadata shift {shift} needs `retag` for generated tokens")
+            raise ValueError(f"a model with metadata shift {shift} needs `retag` (or `forecast_heads`) for generated tokens")
+    self_prompt = [t is None for t in prompt_tags]
+    if any(self_prompt) and not forecasting:
+        raise ValueError("prompt tags left to the model's forecast need `forecast_heads`")
     lengths = [len(p) for p in prompts]
     P = max(lengths) + 1  # + BOS
-    tags: list[list[np.ndarray]] = [[prompt_tags[b][:, i] for i in range(lengths[b])] for b in range(B)]
+    tags: list[list[np.ndarray]] = [[] if prompt_tags[b] is None else [prompt_tags[b][:, i] for i in range(lengths[b])]
+                                    for b in range(B)]
     none = np.full((K,), NONE_ID, np.int32)
     unguided = np.full((K,), PAD_ID, np.int32)
+    forecasts: list[dict[int, np.ndarray]] = [{} for _ in range(B)]  # token index -> forecast tags
+
+    def forecast_of(b: int, k: int) -> np.ndarray:
+        return forecasts[b].get(k, unguided)
 
     def tags_of(b: int, k: int) -> np.ndarray:
         """Tags of token t_k of row b (t_0 = BOS)."""
         if k <= 0:
             return none
+        if k <= lengths[b] and self_prompt[b]:
+            return forecast_of(b, k)
         if k <= len(tags[b]):
             return tags[b][k - 1]
-        if source == "guide" and guides is not None and guides[b] is not None:
+        if source == "self":
+            return forecast_of(b, k)
+        if source == "guide":
             g = k - lengths[b] - 1
-            if g < guides[b].shape[1]:
-                return guides[b][:, g]
+            if guides is not None and guides[b] is not None and g < guides[b].shape[1]:
+                entry = guides[b][:, g]
+                return np.where(entry == FORECAST_ID, forecast_of(b, k), entry).astype(np.int32)
+            return forecast_of(b, k)
         return unguided
 
-    tokens = np.zeros((B, P), np.int32)
-    valid = np.zeros((B, P), bool)
-    meta = np.zeros((K, B, P), np.int32)
-    for b, n in enumerate(lengths):
-        tokens[b, P - n:] = prompts[b]
-        valid[b, P - n - 1:] = True
-        for i in range(n + 1):
-            meta[:, b, P - n - 1 + i] = tags_of(b, i + shift)
+    def remember(head_logits, fed_index: Sequence[int | None]) -> None:
+        """Stores the forecast made at the last position: tags of t_{fed + 1 + shift}."""
+        if not forecasting:
+            return
+        fc_KxB = self_tags.forecast(head_logits, forecast_heads, B)
+        for b, k in enumerate(fed_index):
+            if k is not None and k + 1 + shift > 0:
+                forecasts[b][k + 1 + shift] = fc_KxB[:, b]
+
+    def run(cache, tokens_BxT, meta_KxBxT, valid_BxT=None):
+        out = inc.extend(cache, tokens_BxT, {name: meta_KxBxT[k] for k, name in enumerate(names)}, valid_BxT,
+                         heads=forecasting)
+        return out if forecasting else (out[0], {}, out[1])
 
     import jax
 
     cache = inc.init_cache(B, P + max_new)
-    logits, cache = inc.extend(cache, tokens, {name: meta[k] for k, name in enumerate(names)}, valid)
+    tokens = np.zeros((B, P), np.int32)
+    valid = np.zeros((B, P), bool)
+    for b, n in enumerate(lengths):
+        tokens[b, P - n:] = prompts[b]
+        valid[b, P - n - 1:] = True
+    # A forecast prompt is fed one position at a time (each position's tags are the forecast of
+    # the one before); given prompt tags go in one prefill.
+    chunks = [(c, c + 1) for c in range(P)] if any(self_prompt) else [(0, P)]
+    for lo, hi in chunks:
+        meta = np.zeros((K, B, hi - lo), np.int32)
+        for b, n in enumerate(lengths):
+            for c in range(max(lo, P - n - 1), hi):
+                meta[:, b, c - lo] = tags_of(b, c - (P - n - 1) + shift)
+        logits, head_logits, cache = run(cache, tokens[:, lo:hi], meta, valid[:, lo:hi])
+        remember(head_logits, [hi - 1 - (P - n - 1) if valid[b, hi - 1] else None for b, n in enumerate(lengths)])
     key = jax.random.key(seed)
     generated: list[list[int]] = [[] for _ in range(B)]
     gen_tags: list[list[np.ndarray]] = [[] for _ in range(B)]
@@ -191,7 +238,7 @@ def decode_batch(
                 done[b] = True
             else:
                 generated[b].append(int(next_ids[b]))
-        if source == "guide":
+        if source in ("guide", "self"):
             for b in range(B):
                 if len(gen_tags[b]) < len(generated[b]):
                     gen_tags[b].append(tags_of(b, lengths[b] + len(generated[b])))
@@ -205,11 +252,14 @@ def decode_batch(
         if done.all() or step == max_new - 1:
             break
         step_meta = np.zeros((K, B, 1), np.int32)
+        fed = []
         for b in range(B):
             k = lengths[b] + len(generated[b])  # index of the token fed now
             step_meta[:, b, 0] = tags_of(b, k + shift)
+            fed.append(None if done[b] else k)
         feed = np.where(done, 0, next_ids).astype(np.int32)[:, None]
-        logits, cache = inc.extend(cache, feed, {name: step_meta[k] for k, name in enumerate(names)})
+        logits, head_logits, cache = run(cache, feed, step_meta)
+        remember(head_logits, fed)
     return [Decoded(ids=generated[b],
                     tags=np.stack(gen_tags[b], axis=1) if gen_tags[b] else np.zeros((K, 0), np.int32),
                     stopped_at_eos=bool(done[b])) for b in range(B)]
@@ -273,17 +323,24 @@ def make_retagger(loaded, tagger=None) -> Callable[[list[list[int]]], list[np.nd
 
 def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | None = None,
              guide_from: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, tagger=None) -> dict:
+             seed: int = 0, tags=None, tagger=None) -> dict:
     """One prompt -> `{"text", "pieces", "tags", "tags_source", "stopped_at_eos", ...}`.
 
-    LIME and the previous-piece arm tag the prompt and each generated piece with the loaded causal
-    `tagger` when given (`--tags tagger:DIR`, no spaCy at inference), else by re-annotating the
-    decoded text with spaCy (`--tags prefix`: the prompt's tags then come from spaCy over it).
+    `tags` (a tag_sources.TagSource; None = the run's default) says where tags come from:
+    - LIME and the previous-piece arm: `prefix` (default: spaCy re-annotates the decoded text,
+      the prompt by each of its prefixes), `tagger:DIR` (the loaded causal `tagger`, no spaCy) or
+      `self` (the model's tag heads forecast every tag, the prompt's too: no spaCy, no tagger).
+    - LIME+1: the tags of the piece each step predicts come from `--guide` / `--guide-from`
+      (oracle); steps the guide leaves open (`-`, and every step after it) take the model's
+      forecast when it has tag heads, else PAD (unguided). `self`: no guide needed, the prompt's
+      tags are forecast too (no spaCy).
     """
+    from lime_jax.inference import self_tags
     from lime_jax.model.decode import IncrementalDecoder
 
     cfg, shift = loaded.cfg, loaded.shift
     names = cfg.metadata_names
+    kind = None if tags is None else tags.kind
     if guide is not None and guide_from is not None:
         raise GuideError("give either --guide or --guide-from, not both")
     guided = guide is not None or guide_from is not None
@@ -291,38 +348,55 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
         raise GuideError(f"{loaded.run.model_dir} is a baseline run (no metadata tables): it takes no guide")
     if guided and shift < 1:
         raise GuideError(f"{loaded.run.model_dir} has metadata shift {shift} ({loaded.run.arm}): its tags come "
-                         "from re-annotating the generated text, so it takes no guide; guides need a "
+                         "from --tags (prefix, tagger:DIR or self), so it takes no guide; guides need a "
                          "LIME+1 run (METADATA_SHIFT = 1)")
     if not prompt:
         raise ValueError("--prompt is empty")
+    if kind is not None and not names:
+        raise ValueError(f"--tags {tags}: {loaded.run.model_dir} is a baseline run: it reads no tags")
+    if kind == "oracle" and shift < 1:
+        raise ValueError("--tags oracle: generated text has no whole-document annotation to take tags from; "
+                         "use prefix, tagger:DIR or self")
+    if kind == "oracle" and guide_from is None:
+        raise ValueError("--tags oracle: a LIME+1 run's oracle tags are those of a reference continuation: "
+                         "give it with --guide-from TEXT")
+    if kind in ("prefix", "tagger") and shift >= 1:
+        raise ValueError(f"--tags {tags}: {loaded.run.model_dir} ({loaded.run.arm}) is fed the tags of the piece "
+                         "it predicts, which no tagger has seen yet; use --tags self, --guide or --guide-from")
+    if kind == "tagger" and tagger is None:
+        raise ValueError(f"--tags {tags}: pass the loaded tagger")
+    forecast = None
+    if kind == "self":
+        forecast = self_tags.require_forecast(cfg, shift, loaded.run.model_dir)
+    elif names and shift >= 1 and any(self_tags.forecast_heads(cfg, shift)):
+        forecast = self_tags.forecast_heads(cfg, shift)  # for the steps a guide leaves open
     rows = tag_rows(loaded)
     guide_ids = parse_guide(guide, loaded.vocabs, names) if guide is not None else None
     if guide_ids is not None and max_new is not None and guide_ids.shape[1] > max_new:
         raise GuideError(f"the guide has {guide_ids.shape[1]} steps but --max-new is {max_new}: a guide may "
                          "not be longer than the generation (give a larger --max-new or a shorter guide)")
-    if tagger is not None and (not names or shift >= 1):
-        raise ValueError(f"--tags tagger: {loaded.run.model_dir} ({loaded.run.arm}) does not tag generated text; "
-                         "a tagger serves LIME and previous-piece runs")
     prompt_feats = annotate_texts(loaded, [prompt])[0]
-    if names and shift < 1 and prompt_feats.shape[1]:
+    if names and shift < 1 and kind != "self" and prompt_feats.shape[1]:
         # The prompt is tagged like the text to come: by the causal tagger, or by spaCy over each
         # prefix (tags of a piece never see the prompt text after it).
         from lime_jax.annotation import tag_sources
 
-        tag_fn = tagger.tag if tagger is not None else tag_sources.tag_function(
+        tag_fn = tagger.tag if kind == "tagger" else tag_sources.tag_function(
             tag_sources.PREFIX, loaded.tokenizer, loaded.processor.annotator,
             max_pieces=max(tag_sources.DEFAULT_MAX_PIECES, prompt_feats.shape[1]))
         tag_sources.write_tags(tag_fn([prompt_feats[0]]), [prompt_feats])
+    open_steps = "the model's forecast" if forecast else "PAD, unguided (the model has no tag heads)"
     if guide_ids is not None:
-        source = "guide"
+        source = f"guide (steps it leaves open: {open_steps})"
     elif guide_from is not None:
         prompt_feats, cont = split_prompt(loaded, prompt, guide_from, prompt_feats)
         guide_ids = oracle_guide(cont[rows])
         source = "guide-from (oracle tags of the reference)"
     else:
         source = ("none (baseline)" if not names else
-                  "unguided (no metadata for generated steps)" if shift >= 1 else
-                  f"causal tagger {tagger.directory} (tagger)" if tagger is not None else
+                  "self (the model's forecast, prompt included)" if kind == "self" else
+                  f"unguided ({open_steps})" if shift >= 1 else
+                  f"causal tagger {tagger.directory} (tagger)" if kind == "tagger" else
                   "re-annotation of the decoded prefix (prefix)")
     if max_new is None:
         # Room for EOS after a --guide; an oracle guide already ends with the EOS step.
@@ -335,16 +409,17 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
     if prompt_feats.shape[1] == 0:
         raise ValueError("the prompt tokenizes to no pieces")
     inc = IncrementalDecoder(loaded.model)
-    out = decode_batch(inc, shift, [prompt_feats[0]], [prompt_feats[rows]], max_new,
-                       guides=[guide_ids], retag=make_retagger(loaded, tagger) if names and shift < 1 else None,
+    retag = make_retagger(loaded, tagger if kind == "tagger" else None) if names and shift < 1 and kind != "self" else None
+    out = decode_batch(inc, shift, [prompt_feats[0]], [None if kind == "self" else prompt_feats[rows]], max_new,
+                       guides=[guide_ids], retag=retag, forecast_heads=forecast,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
     tok = loaded.tokenizer
-    tags = [{name: loaded.vocabs[name].tag(int(out.tags[k, j])) for k, name in enumerate(names)}
-            for j in range(len(out.ids))]
+    tag_names = [{name: loaded.vocabs[name].tag(int(out.tags[k, j])) for k, name in enumerate(names)}
+                 for j in range(len(out.ids))]
     prompt_ids = list(prompt_feats[0])
     # Decoding the whole sequence keeps the space between the prompt and the continuation.
     return {"prompt": prompt, "text": tok.decode(prompt_ids + out.ids)[len(tok.decode(prompt_ids)):],
-            "pieces": [tok.id_to_piece(i) for i in out.ids], "ids": out.ids, "tags": tags,
+            "pieces": [tok.id_to_piece(i) for i in out.ids], "ids": out.ids, "tags": tag_names,
             "tags_source": source, "stopped_at_eos": out.stopped_at_eos, "arm": loaded.run.arm,
             "step": loaded.step,
             "guide_steps": None if guide_ids is None else int(guide_ids.shape[1])}

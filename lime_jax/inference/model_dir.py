@@ -49,11 +49,13 @@ class RunConfig:
     @property
     def arm(self) -> str:
         """`baseline`, `lime`, `lime+1` or `prev-piece` (shift -1: each position sees the previous
-        piece's tags; any other shift: `lime(shift=N)`), with ` dropout=P` for a run trained with
-        metadata dropout (another recipe, another arm)."""
+        piece's tags; any other shift: `lime(shift=N)`), `+heads` when the run has tag heads
+        (`aux`: heads without metadata inputs), with ` dropout=P` for a run trained with metadata
+        dropout (another recipe, another arm)."""
         if not self.cfg.metadata:
-            return "baseline"
+            return "aux" if self.cfg.tag_heads else "baseline"
         arm = {0: "lime", 1: "lime+1", -1: "prev-piece"}.get(self.shift, f"lime(shift={self.shift})")
+        arm += "+heads" if self.cfg.tag_heads else ""
         return f"{arm} dropout={self.metadata_dropout:g}" if self.metadata_dropout else arm
 
     @property

@@ -11,6 +11,8 @@ import re
 import gin
 import jax.numpy as jnp
 
+from lime_jax.features import head_id
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MLP_ACTIVATIONS = ("gelu", "silu")  # GeGLU (Gemma) or SwiGLU (Llama)
 
@@ -23,6 +25,10 @@ class ModelConfig:
     `metadata` lists the metadata tables as `(name, table_size)`; the batch feature for a table
     named `pos` is `decoder_input_pos`. An empty tuple is the baseline: the same code with no
     metadata tables. `head_dim=None` means `d_model // n_heads`.
+
+    `tag_heads` lists tag-prediction heads as `(name, size, ahead, weight)` (`heads.py`): predict
+    tag feature `name` (a vocabulary of `size` ids) of token i+ahead from the trunk at position i,
+    adding `weight * cross entropy` to the loss. Empty: no heads (the paper's models).
 
     Two switches of the loss and the embedding ride along so a run config sets them like any
     model field (off by default): `z_loss` adds `z_loss * mean(logZ^2)` to the objective
@@ -38,6 +44,7 @@ class ModelConfig:
     head_dim: int | None = None
     d_ff: int = 128
     metadata: tuple[tuple[str, int], ...] = ()
+    tag_heads: tuple[tuple[str, int, int, float], ...] = ()
     metadata_weight: str = "fixed"  # "fixed" | "learned": w_d in E_tok + sum_d w_d E_d
     metadata_weight_init: float = 1.0
     tie_embeddings: bool = True
@@ -53,6 +60,7 @@ class ModelConfig:
         # gin and JSON hand lists where tuples are meant; normalise so the config stays hashable.
         meta = tuple((str(n), int(s)) for n, s in (tuple(m) for m in self.metadata))
         object.__setattr__(self, "metadata", meta)
+        object.__setattr__(self, "tag_heads", _normalise_heads(self.tag_heads))
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -97,6 +105,10 @@ class ModelConfig:
             object.__setattr__(self, field, dt.name)
 
     @property
+    def head_ids(self) -> tuple[str, ...]:
+        return tuple(head_id(n, a) for n, _, a, _ in self.tag_heads)
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
@@ -116,5 +128,27 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def baseline(self) -> "ModelConfig":
-        """The same model without metadata tables (the paper's baseline arm)."""
-        return self.replace(metadata=())
+        """The same model without metadata tables or tag heads (the paper's baseline arm)."""
+        return self.replace(metadata=(), tag_heads=())
+
+
+def _normalise_heads(heads) -> tuple[tuple[str, int, int, float], ...]:
+    out = []
+    for spec in heads:
+        spec = tuple(spec)
+        if len(spec) != 4:
+            raise ValueError(f"ModelConfig.tag_heads entry {spec!r} must be (name, size, ahead, weight)")
+        name, size, ahead, weight = spec
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(f"ModelConfig.tag_heads name {name!r} must match {_NAME_RE.pattern}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            raise ValueError(f"ModelConfig.tag_heads {name!r}: size must be an int >= 2 (0 = PAD), got {size!r}")
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or not 0 <= ahead <= 8:
+            raise ValueError(f"ModelConfig.tag_heads {name!r}: ahead must be an int in [0, 8], got {ahead!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"ModelConfig.tag_heads {name!r}: weight (lambda) must be > 0, got {weight!r}")
+        out.append((name, size, ahead, float(weight)))
+    ids = [head_id(n, a) for n, _, a, _ in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"ModelConfig.tag_heads has duplicate (name, ahead) pairs: {ids}")
+    return tuple(out)

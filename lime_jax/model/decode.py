@@ -4,6 +4,7 @@
     cache = inc.init_cache(batch_size=2, max_len=64)
     logits_BxTxV, cache = inc.extend(cache, prompt_BxT, metadata, valid_BxT)   # prefill
     logits_Bx1xV, cache = inc.extend(cache, next_Bx1, metadata_Bx1)            # one step
+    logits, head_logits, cache = inc.extend(cache, next_Bx1, metadata_Bx1, heads=True)  # + tag heads
 
 `extend` writes T new positions into the cache and returns their logits; it computes exactly
 what `Decoder.__call__` computes for those positions given everything before them. Prompts of
@@ -39,8 +40,9 @@ def init_cache(cfg, batch_size: int, max_len: int) -> dict[str, jax.Array]:
 
 
 def extend(model, cache: dict[str, jax.Array], tokens_BxT: jax.Array, metadata: Mapping[str, jax.Array],
-           valid_BxT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Runs T new positions through `model` (a Decoder) against the cache; returns (logits, cache)."""
+           valid_BxT: jax.Array, heads: bool = False):
+    """Runs T new positions through `model` (a Decoder) against the cache; returns (logits, cache),
+    or (logits, tag-head logits {head id: [B, T, tags]}, cache) when `heads`."""
     dt = model.cfg.jnp_dtype
     B, T = tokens_BxT.shape
     S = cache["valid"].shape[1]
@@ -66,16 +68,14 @@ def extend(model, cache: dict[str, jax.Array], tokens_BxT: jax.Array, metadata: 
         x_BxTxD = x_BxTxD + jnp.einsum("blnh,nhd->bld", o_BxTxNxH, block.attn.wo[...].astype(dt))
         x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
     x_BxTxD = model.final_norm(x_BxTxD)
-    if model.head is None:
-        logits_BxTxV = model.embed.attend(x_BxTxD)
-    else:
-        logits_BxTxV = jnp.einsum("bld,dv->blv", x_BxTxD, model.head[...].astype(dt),
-                                  preferred_element_type=jnp.float32)
+    logits_BxTxV = model.lm_logits(x_BxTxD).astype(jnp.float32)
     new_cache = {
         "k": jnp.stack(ks), "v": jnp.stack(vs), "valid": key_valid_BxS,
         "index": start + T, "pos": cache["pos"] + steps_BxT[:, -1],
     }
-    return logits_BxTxV.astype(jnp.float32), new_cache
+    if heads:
+        return logits_BxTxV, model.head_logits(x_BxTxD), new_cache
+    return logits_BxTxV, new_cache
 
 
 def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int = 0,
@@ -109,16 +109,17 @@ class IncrementalDecoder:
     def __init__(self, model):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
-        self._extend = jax.jit(self._extend_fn, donate_argnums=(1,))
+        self._extend = jax.jit(self._extend_fn, donate_argnums=(1,), static_argnames=("heads",))
         self._sample = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))
 
-    def _extend_fn(self, state, cache, tokens_BxT, metadata, valid_BxT):
-        return extend(nnx.merge(self.graphdef, state), cache, tokens_BxT, metadata, valid_BxT)
+    def _extend_fn(self, state, cache, tokens_BxT, metadata, valid_BxT, heads=False):
+        return extend(nnx.merge(self.graphdef, state), cache, tokens_BxT, metadata, valid_BxT, heads)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
         return init_cache(self.cfg, batch_size, max_len)
 
-    def extend(self, cache, tokens_BxT, metadata: Mapping[str, jax.Array] | None = None, valid_BxT=None):
+    def extend(self, cache, tokens_BxT, metadata: Mapping[str, jax.Array] | None = None, valid_BxT=None,
+               heads: bool = False):
         tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
         if tokens_BxT.ndim != 2 or tokens_BxT.shape[0] != cache["valid"].shape[0]:
             raise ValueError(f"tokens: expected [batch={cache['valid'].shape[0]}, T], got {tokens_BxT.shape}")
@@ -127,7 +128,7 @@ class IncrementalDecoder:
                              f"max_len {cache['valid'].shape[1]}")
         valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
         metadata = {k: jnp.asarray(v, jnp.int32) for k, v in (metadata or {}).items()}
-        return self._extend(self.state, cache, tokens_BxT, metadata, valid_BxT)
+        return self._extend(self.state, cache, tokens_BxT, metadata, valid_BxT, heads=heads)
 
     @functools.wraps(sample)
     def sample(self, logits_BxV, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):

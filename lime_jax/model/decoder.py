@@ -21,6 +21,7 @@ from flax import nnx
 from lime_jax.model import sharding
 from lime_jax.model.config import ModelConfig
 from lime_jax.model.embed import LimeEmbed
+from lime_jax.model.heads import TagHeads
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, axes: tuple, cfg: ModelConfig) -> nnx.Param:
@@ -138,11 +139,15 @@ class Decoder(nnx.Module):
             raise TypeError(f"Decoder needs a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.rules = sharding.resolve_rules(rules)
+        # Read, not drawn: heads fold their keys from the stream's base key, so the other
+        # weights are the same with and without heads.
+        base_key = rngs.params.key[...]
         self.embed = LimeEmbed(cfg, rngs=rngs, rules=self.rules)
         self.blocks = nnx.List([Block(cfg, self.rules, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg)
         self.head = None if cfg.tie_embeddings else _param(
             rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model, ("embed", "vocab"), cfg)
+        self.tag_heads = TagHeads(cfg, base_key) if cfg.tag_heads else None
 
     def __call__(
         self,
@@ -151,6 +156,25 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
+        return self.lm_logits(self.trunk(tokens_BxL, metadata, segment_ids, positions))
+
+    def forward(self, tokens_BxL, metadata=None, segment_ids=None, positions=None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(LM logits [B, L, V], tag-head logits {head id: [B, L, T]}), from one trunk pass."""
+        x_BxLxD = self.trunk(tokens_BxL, metadata, segment_ids, positions)
+        return self.lm_logits(x_BxLxD), self.head_logits(x_BxLxD)
+
+    def head_logits(self, x_BxLxD: jax.Array) -> dict[str, jax.Array]:
+        return {} if self.tag_heads is None else self.tag_heads(x_BxLxD)
+
+    def trunk(
+        self,
+        tokens_BxL: jax.Array,
+        metadata: Mapping[str, jax.Array] | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final-normed hidden state [B, L, D] that the LM head and the tag heads read."""
         cfg, rules = self.cfg, self.rules
         # The embedding validates tokens and metadata (dtype, shape, range) first.
         x_BxLxD = sharding.constrain(self.embed(tokens_BxL, metadata), ("batch", "length", None), rules)
@@ -172,21 +196,26 @@ class Decoder(nnx.Module):
         mask_Bx1x1xLxS = attention_mask(segment_ids)
         for block in self.blocks:
             x_BxLxD = sharding.constrain(block(x_BxLxD, positions, mask_Bx1x1xLxS), ("batch", "length", None), rules)
-        x_BxLxD = self.final_norm(x_BxLxD)
+        return self.final_norm(x_BxLxD)
+
+    def lm_logits(self, x_BxLxD: jax.Array) -> jax.Array:
         if self.head is None:
             logits_BxLxV = self.embed.attend(x_BxLxD)
         else:
-            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(cfg.jnp_dtype),
+            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(self.cfg.jnp_dtype),
                                       preferred_element_type=jnp.float32)
-        return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"), rules)
+        return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"), self.rules)
 
     def param_count(self) -> int:
         """All parameters; works on abstract models (`sharding.abstract_model`) too."""
         return sum(math.prod(p.shape) for _, p in nnx.iter_graph(self) if isinstance(p, nnx.Param))
 
     def param_overhead(self) -> float:
-        """Metadata-table params / all params (0.0 for the baseline)."""
-        return self.embed.param_overhead(self.param_count())
+        """Metadata params (tables and tag heads) / all params (0.0 for the baseline)."""
+        meta, _ = self.embed.param_counts()
+        if self.tag_heads is not None:
+            meta += sum(math.prod(p.shape) for _, p in nnx.iter_graph(self.tag_heads) if isinstance(p, nnx.Param))
+        return meta / self.param_count()
 
 
 def create_sharded_model(

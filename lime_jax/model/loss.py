@@ -16,6 +16,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lime_jax.model import sharding
+from lime_jax.ids import PAD_ID
+from lime_jax.features import head_id, target_feature
 from lime_jax.model.config import ModelConfig
 from lime_jax.model.embed import check_ids
 
@@ -54,8 +56,11 @@ def loss_and_metrics(
     with `z_loss` from the model's config.
 
     Metrics (f32 scalars): `loss` (cross entropy only), `loss_sum`, `z_loss`, `num_tokens`
-    (sum of weights), `num_correct` (weighted argmax hits). The returned loss is the objective
-    to differentiate (cross entropy + z-loss term).
+    (sum of weights), `num_correct` (weighted argmax hits), `objective` (the returned loss), and
+    per tag head (`heads.py`)
+    `<head id>/loss`, `<head id>/loss_sum`, `<head id>/num_tags`, `<head id>/num_correct`. The
+    returned loss is the objective to differentiate: cross entropy + z-loss term + each head's
+    `weight * loss`.
     """
     for key in _REQUIRED:
         if key not in batch:
@@ -68,7 +73,15 @@ def loss_and_metrics(
     if tuple(weights_BxL.shape) != shape:
         raise ValueError(f"decoder_loss_weights: expected shape {shape}, got {tuple(weights_BxL.shape)}")
     weights_BxL = weights_BxL.astype(jnp.float32)
-    logits_BxLxV = model(
+    head_targets = {}
+    for name, size, ahead, _ in model.cfg.tag_heads:
+        feature = target_feature(name, ahead)
+        if feature not in batch:
+            raise ValueError(f"batch lacks feature {feature!r} for tag head {head_id(name, ahead)!r} "
+                             f"(ModelConfig.tag_heads); batch has {sorted(batch)}")
+        check_ids(feature, batch[feature], size, shape=shape, traced=model.cfg.check_ids)
+        head_targets[head_id(name, ahead)] = batch[feature]
+    logits_BxLxV, head_logits = model.forward(
         batch["decoder_input_tokens"], metadata=metadata,
         segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"))
 
@@ -90,7 +103,26 @@ def loss_and_metrics(
         "num_tokens": num_tokens,
         "num_correct": jnp.sum(correct * weights_BxL),
     }
-    return ce + z_term, metrics
+    objective = ce + z_term
+    for (_, _, _, weight), (hid, tags_BxL) in zip(model.cfg.tag_heads, head_targets.items()):
+        head_sum, num_tags, head_correct = _tag_cross_entropy(head_logits[hid], tags_BxL, weights_BxL)
+        head_loss = head_sum / jnp.maximum(num_tags, 1.0)
+        objective = objective + weight * head_loss
+        metrics.update({f"{hid}/loss": head_loss, f"{hid}/loss_sum": head_sum, f"{hid}/num_tags": num_tags,
+                        f"{hid}/num_correct": head_correct})
+    metrics["objective"] = objective
+    return objective, metrics
+
+
+def _tag_cross_entropy(logits_BxLxT: jax.Array, tags_BxL: jax.Array, weights_BxL: jax.Array):
+    """(summed cross entropy, number of targets, argmax hits) over real positions whose target is
+    not PAD (no such token: past a segment's end or BOS)."""
+    w_BxL = weights_BxL * (tags_BxL != PAD_ID)
+    logz_BxL = jax.nn.logsumexp(logits_BxLxT, axis=-1)
+    target_BxL = jnp.take_along_axis(logits_BxLxT, tags_BxL[..., None], axis=-1, mode="fill",
+                                     fill_value=jnp.nan, wrap_negative_indices=False)[..., 0]
+    hits_BxL = (jnp.argmax(logits_BxLxT, axis=-1) == tags_BxL).astype(jnp.float32)
+    return jnp.sum((logz_BxL - target_BxL) * w_BxL), jnp.sum(w_BxL), jnp.sum(hits_BxL * w_BxL)
 
 
 def jit_loss_fn(
@@ -142,7 +174,8 @@ def synthetic_batch(cfg: ModelConfig, batch_size: int, length: int, seed: int = 
     """
     rng = np.random.default_rng(seed)
     names = ["decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-             "decoder_positions", "decoder_loss_weights"] + [METADATA_PREFIX + n for n in cfg.metadata_names]
+             "decoder_positions", "decoder_loss_weights"] + [METADATA_PREFIX + n for n in cfg.metadata_names] + [
+                 target_feature(n, a) for n, _, a, _ in cfg.tag_heads]
     batch = {k: np.zeros((batch_size, length), np.int32) for k in names}
     for b in range(batch_size):
         used = length if b == 0 else int(rng.integers(length // 2, length + 1))
@@ -159,4 +192,9 @@ def synthetic_batch(cfg: ModelConfig, batch_size: int, length: int, seed: int = 
                 tags = batch[METADATA_PREFIX + name]
                 tags[b, start:end] = rng.integers(2, size, n)
                 tags[b, start] = 1  # NONE on the BOS input
+            for name, size, ahead, _ in cfg.tag_heads:
+                # Position i's target is token i+ahead's tag: PAD (no target) at BOS and past the end.
+                i_N = np.arange(n)
+                real_N = (i_N + ahead >= 1) & (i_N + ahead <= n)
+                batch[target_feature(name, ahead)][b, start:end] = np.where(real_N, rng.integers(2, size, n), 0)
     return batch

@@ -32,7 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lime_jax.annotation.tag_sources import TAG_SOURCES_NAME
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import loader
+from lime_jax.hf.init import init_from_hf
 from lime_jax.model import ModelConfig, abstract_model, sharding
+from lime_jax.model.heads import check_causal
 from lime_jax.trainer import checkpoint as ckpt_lib
 from lime_jax.trainer import distributed
 from lime_jax.trainer import metrics as metrics_lib
@@ -80,10 +82,14 @@ def _datasets(data: DataConfig, cfg: ModelConfig, seed: int) -> tuple[Iterator[d
     n_proc = jax.process_count()
     local_batch = data.batch_size // n_proc
     cache_kwargs = dict(seq_len=data.seq_len, batch_size=local_batch, shift=data.metadata_shift,
-                        tags=cfg.metadata_names, check_hashes=data.check_cache_hashes,
-                        read_threads=data.read_threads,
+                        tags=cfg.metadata_names, heads=[(n, a) for n, _, a, _ in cfg.tag_heads],
+                        check_hashes=data.check_cache_hashes, read_threads=data.read_threads,
                         expected_vocab_sizes={"targets": cfg.vocab_size,
-                                              **{f"targets_{n}": s for n, s in cfg.metadata}})
+                                              **{f"targets_{n}": s for n, s in cfg.metadata},
+                                              **{f"targets_{n}": s for n, s, _, _ in cfg.tag_heads}})
+    if cfg.tag_heads and data.cache_dir is None:
+        raise ConfigError(f"ModelConfig.tag_heads {list(cfg.head_ids)} read their targets from an annotated "
+                          "cache: set CACHE_DIR (the SeqIO input, MIXTURE_OR_TASK_NAME, does not build them)")
     if data.cache_dir is not None:
         train_iter = iter(distributed.process_dataset(data.cache_dir, seed=seed, worker_count=data.worker_count,
                                                       **cache_kwargs))
@@ -183,6 +189,10 @@ def _evaluate(eval_fn, params, eval_ds, eval_cfg: EvalConfig, eval_cache_dir: st
     n = max(t["num_tokens"], 1.0)
     res = {"loss": t["loss_sum"] / n, "accuracy": t["num_correct"] / n, "num_tokens": t["num_tokens"]}
     res["perplexity"] = math.exp(min(res["loss"], 700.0))
+    for key in [k for k in t if k.endswith("/num_tags")]:
+        head = key[:-len("/num_tags")]
+        res[f"{head}/loss"] = t[f"{head}/loss_sum"] / max(t[key], 1.0)
+        res[f"{head}/accuracy"] = t[f"{head}/num_correct"] / max(t[key], 1.0)
     return res
 
 
@@ -200,6 +210,10 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     # Flags, JAX_* variables or a cluster launcher make this one of several processes.
     distributed.distributed_setup(force=train_cfg.initialize_distributed)
     cfg = ModelConfig()
+    try:
+        check_causal(cfg.tag_heads, data.metadata_shift, bool(cfg.metadata))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     opt_cfg = optim.OptimizerConfig()
     rules = sharding.sharding_rules()
     n_proc = jax.process_count()
@@ -220,6 +234,7 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     tx, schedule = optim.make_optimizer(opt_cfg, train_cfg.train_steps)
     # Every configurable the run uses has been called: a binding that did nothing fails here,
     # before any state is built or compiled, and the operative config is complete.
+    hf_init = init_from_hf(cfg)  # INIT_FROM_HF: checked now, applied to a fresh state below
     check_bindings_used(bindings)
     os.makedirs(train_cfg.model_dir, exist_ok=True)
     if is_chief:
@@ -236,6 +251,8 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     with jax.set_mesh(mesh):
         if checkpointer.latest_step() is None:
             state = state_lib.init_train_state(cfg, tx, mesh, rules, state_sh, train_cfg.seed)
+            if hf_init is not None:
+                state = hf_init(state, tx)
             start = 0
         else:
             # The newest checkpoint whose files match their seal; damaged newer ones are

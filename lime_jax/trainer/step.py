@@ -13,11 +13,29 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lime_jax.features import TARGET_PREFIX, head_id
 from lime_jax.model import loss_and_metrics
 from lime_jax.model.loss import batch_metadata_keys
 from lime_jax.trainer.state import TrainState
 
-_SUMMED = ("loss_sum", "z_loss_sum", "num_tokens", "num_correct")
+_HEAD_SUMMED = ("loss_sum", "num_tags", "num_correct")  # per tag head, as `<head id>/<key>`
+
+
+def _head_ids(metrics) -> list[str]:
+    """Tag heads (`pos_ahead1`, ...) that reported metrics (`<head id>/<key>`, loss.py)."""
+    return sorted({k.split("/")[0] for k in metrics if "/" in k})
+
+
+def _head_sums(metrics) -> dict:
+    return {f"{h}/{k}": metrics[f"{h}/{k}"] for h in _head_ids(metrics) for k in _HEAD_SUMMED}
+
+
+def _head_metrics(metrics) -> dict:
+    out = {}
+    for h in _head_ids(metrics):
+        out[f"{h}/loss"] = metrics[f"{h}/loss_sum"] / jnp.maximum(metrics[f"{h}/num_tags"], 1.0)
+        out[f"{h}/accuracy"] = metrics[f"{h}/num_correct"] / jnp.maximum(metrics[f"{h}/num_tags"], 1.0)
+    return out
 
 
 def drop_metadata(batch: dict, key_data: jax.Array, step: jax.Array, rate: float) -> dict:
@@ -48,28 +66,43 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     def summed(m):
         # Per-micro-batch means times their token counts add up to whole-batch sums.
         return {"loss_sum": m["loss_sum"], "z_loss_sum": m["z_loss"] * m["num_tokens"],
-                "num_tokens": m["num_tokens"], "num_correct": m["num_correct"]}
+                "num_tokens": m["num_tokens"], "num_correct": m["num_correct"], **_head_sums(m)}
+
+    def micro_objective(params, mb, totals):
+        """This micro-batch's share of the whole batch's objective: its sums over the whole batch's
+        counts (LM targets, each head's targets), so the shares' gradients add up exactly."""
+        model = nnx.merge(graphdef, params)
+        _, m = loss_and_metrics(model, mb)
+        share = (m["loss_sum"] + m["z_loss"] * m["num_tokens"]) / totals["num_tokens"]
+        for name, _, ahead, weight in model.cfg.tag_heads:
+            hid = head_id(name, ahead)
+            share = share + weight * m[f"{hid}/loss_sum"] / totals[hid]
+        return share, m
+
+    share_grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
     def accumulated(params, batch_BxL):
-        # Micro-batches are weighted by their target-token counts, so the result equals the
-        # gradient of the token-mean loss over the whole batch.
         micro_AxMxL = jax.tree.map(
             lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch_BxL)
+        weights = batch_BxL["decoder_loss_weights"].astype(jnp.float32)
+        totals = {"num_tokens": jnp.maximum(jnp.sum(weights), 1.0)}
+        for key in batch_BxL:
+            if key.startswith(TARGET_PREFIX):  # a tag head's targets: PAD is no target
+                totals[key[len(TARGET_PREFIX):]] = jnp.maximum(jnp.sum(weights * (batch_BxL[key] != 0)), 1.0)
 
         def body(carry, mb):
-            g_sum, m_sum = carry
-            (_, m), g = grad_fn(params, mb)
-            n = m["num_tokens"]
-            g_sum = jax.tree.map(lambda a, b: a + b * n, g_sum, g)
-            m_sum = jax.tree.map(jnp.add, m_sum, summed(m))
-            return (g_sum, m_sum), None
+            g_sum, m_sum, total = carry
+            (share, m), g = share_grad_fn(params, mb, totals)
+            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, summed(m)), total + share), None
 
-        zeros_g = jax.tree.map(jnp.zeros_like, params)
-        zeros_m = {k: jnp.zeros((), jnp.float32) for k in _SUMMED}
-        (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), micro_AxMxL)
-        denom = jnp.maximum(m_sum["num_tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, g_sum)
-        return dict(m_sum, loss=m_sum["loss_sum"] / denom, z_loss=m_sum["z_loss_sum"] / denom), grads
+        first = jax.tree.map(lambda x: x[0], micro_AxMxL)
+        keys = jax.eval_shape(lambda p, b: summed(loss_and_metrics(nnx.merge(graphdef, p), b)[1]), params, first)
+        zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.zeros((), jnp.float32) for k in keys},
+                 jnp.zeros((), jnp.float32))
+        (grads, m_sum, total), _ = jax.lax.scan(body, zeros, micro_AxMxL)
+        denom = totals["num_tokens"]
+        return dict(m_sum, loss=m_sum["loss_sum"] / denom, z_loss=m_sum["z_loss_sum"] / denom,
+                    objective=total), grads
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         batch = drop_metadata(batch, state.rng, state.step, metadata_dropout)
@@ -87,6 +120,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
             "z_loss": m["z_loss"],  # the weighted term; 0 unless ModelConfig.z_loss is on
+            **({"total_loss": m["objective"], **_head_metrics(m)} if _head_ids(m) else {}),
         }
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out
 
@@ -101,10 +135,11 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, data_sharding
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[object, dict], dict]:
-    """`eval_step(params, batch) -> {loss_sum, num_tokens, num_correct}` (sums add over batches)."""
+    """`eval_step(params, batch) -> {loss_sum, num_tokens, num_correct}` plus each tag head's
+    `<head id>/{loss_sum, num_tags, num_correct}` (sums add over batches)."""
 
     def step(params, batch):
         _, m = loss_and_metrics(nnx.merge(graphdef, params), batch)
-        return {k: m[k] for k in ("loss_sum", "num_tokens", "num_correct")}
+        return {**{k: m[k] for k in ("loss_sum", "num_tokens", "num_correct")}, **_head_sums(m)}
 
     return step
