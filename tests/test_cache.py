@@ -7,7 +7,7 @@ import pytest
 
 from lime_jax.data import cache
 
-SIZES = {"targets": 500, "targets_pos": 52, "targets_ner": 39}
+SIZES = {"targets": 500, "targets_pos": 53, "targets_ner": 40}
 
 
 def _docs(n=7, seed=0):
@@ -15,8 +15,8 @@ def _docs(n=7, seed=0):
     docs = []
     for _ in range(n):
         length = int(rng.integers(1, 40))
-        docs.append(np.stack([rng.integers(2, 500, length), rng.integers(1, 52, length),
-                              rng.integers(1, 39, length)]).astype(np.int32))
+        docs.append(np.stack([rng.integers(2, 500, length), rng.integers(1, 53, length),
+                              rng.integers(1, 40, length)]).astype(np.int32))
     return docs
 
 
@@ -116,8 +116,8 @@ def test_malformed_manifest(built, edit, field):
 def test_vocab_sizes_other_than_config(built):
     d, _ = built
     with pytest.raises(cache.CacheError, match=r"manifest.json: field 'vocab_sizes.targets_ner'.*"
-                                               r"size 39, the config asks for 21"):
-        cache.verify_cache(d, {"targets": 500, "targets_ner": 21})
+                                               r"size 40, the config asks for 22"):
+        cache.verify_cache(d, {"targets": 500, "targets_ner": 22})
     with pytest.raises(cache.CacheError, match="'vocab_sizes.targets_dep'"):
         cache.verify_cache(d, {"targets_dep": 40})
 
