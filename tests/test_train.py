@@ -286,7 +286,9 @@ def test_grad_accumulation_matches_full_batch(full_run, caches):
     (m1, p1), (m4, p4) = out
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+    # Adam's first step moves a weight by ~lr * g / (|g| + eps): where g is near eps, summation-order
+    # noise in g shows in the step, so weights are compared within a few % of lr (3e-3).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p4)
 
 
 @pytest.mark.slow
