@@ -10,8 +10,8 @@ then evaluates addition on the test seed with greedy decoding (`lime-jax eval --
 unguided (tag id 0, PAD, for the answer: the metadata tables add nothing there, so the model
 answers from the tokens alone), guided (oracle tags of the answer and of the EOS that ends it,
 from annotating prompt + answer, as in the paper) and self-guided (every tag, the prompt's too,
-is the model's own forecast: no spaCy, no oracle). NONE would be the
-wrong "no guidance": it is the tag of every document's EOS, so a model fed NONE stops at once.
+is the model's own forecast: no spaCy, no oracle). EOS would be the
+wrong "no guidance": it is the tag of every document's EOS, so a model fed EOS stops at once.
 A model trained with every position's metadata (the paper's recipe, --metadata-dropout 0) has
 never seen a position without it, so unguided decoding is out of its distribution; by default
 15% of the training positions carry no metadata (DataConfig.metadata_dropout), so the same model

@@ -29,10 +29,10 @@ def synthetic_cache(out_dir: str, num_docs: int, vocab_size: int, seed: int = 0)
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(mean=5.8, sigma=1.0, size=num_docs), 4, 20000).astype(int)
-    docs = [np.stack([rng.integers(2, vocab_size, n), rng.integers(1, 52, n),
-                      rng.integers(1, 39, n)]).astype(np.int32) for n in lengths]
-    cache.write_cache(out_dir, docs, {"targets": vocab_size, "targets_pos": 52,
-                                      "targets_ner": 39}, docs_per_shard=500)
+    docs = [np.stack([rng.integers(2, vocab_size, n), rng.integers(1, 53, n),
+                      rng.integers(1, 40, n)]).astype(np.int32) for n in lengths]
+    cache.write_cache(out_dir, docs, {"targets": vocab_size, "targets_pos": 53,
+                                      "targets_ner": 40}, docs_per_shard=500)
 
 
 def loader_tps(cache_dir: str, seq_len: int, batch_size: int, seconds: float,
@@ -66,7 +66,7 @@ def train_tps(seq_len: int, batch_size: int, seconds: float, tokens_per_batch: f
                                 synthetic_batch)
 
     gin.parse_config_file(os.path.join(REPO, "gin", "models", "quickstart.gin"))
-    cfg = ModelConfig(metadata=(("pos", 52), ("ner", 39)))
+    cfg = ModelConfig(metadata=(("pos", 53), ("ner", 40)))
     mesh = make_mesh((1, 1, 1))
     graphdef, state = create_sharded_model(cfg, mesh)
     step = jit_loss_fn(graphdef, state_shardings(abstract_model(cfg)[1], mesh), mesh)

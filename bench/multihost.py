@@ -36,7 +36,7 @@ def write_cache(out_dir: str, n_docs: int = 600, seed: int = 0) -> None:
         toks = rng.zipf(1.3, size=int(rng.integers(40, 400))) % (VOCAB - 2) + 2
         toks[-1] = 1  # EOS
         docs.append(np.stack([toks, 2 + toks % 50, 2 + toks % 37]).astype(np.int32))
-    cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39},
+    cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40},
                       docs_per_shard=200)
 
 

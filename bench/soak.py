@@ -52,7 +52,7 @@ def _write_cache(out_dir: str) -> None:
         toks = rng.integers(2, VOCAB, int(rng.integers(8, 200)))
         toks[-1] = 1
         docs.append(np.stack([toks, 2 + toks % 50, 2 + toks % 37]).astype(np.int32))
-    cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39},
+    cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40},
                       docs_per_shard=1000)
 
 

@@ -50,9 +50,9 @@ def synthetic_cache(out_dir: str, num_docs: int, vocab_size: int) -> None:
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(64, 1024, num_docs)
-    docs = [np.stack([rng.integers(2, vocab_size, n), rng.integers(1, 52, n),
-                      rng.integers(1, 39, n)]).astype(np.int32) for n in lengths]
-    cache.write_cache(out_dir, docs, {"targets": vocab_size, "targets_pos": 52, "targets_ner": 39})
+    docs = [np.stack([rng.integers(2, vocab_size, n), rng.integers(1, 53, n),
+                      rng.integers(1, 40, n)]).astype(np.int32) for n in lengths]
+    cache.write_cache(out_dir, docs, {"targets": vocab_size, "targets_pos": 53, "targets_ner": 40})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from lime_jax.data import cache
 from lime_jax.data.seqio_features import LimeLMFeatureConverter, split_examples
+from lime_jax.annotation.pipeline import eos_column
 from lime_jax.annotation.vocab import TagVocab
 from tasks.vocabularies import TagVocabulary
 
@@ -90,10 +91,12 @@ def vocabulary_mismatch(a: Mapping[str, seqio.Feature], b: Mapping[str, seqio.Fe
     return f"vocabularies of other content for {differ}" if differ else None
 
 
-def strip_eos(doc_FxL: np.ndarray, where: str) -> np.ndarray:
-    """The cache stores EOS (NONE for tags) last; SeqIO's `append_eos` puts it back."""
-    if doc_FxL.shape[1] < 1 or doc_FxL[0, -1] != 1 or (doc_FxL[1:, -1] != 1).any():
-        raise cache.CacheError(f"{where}: last position is not EOS (targets 1, tags NONE 1): "
+def strip_eos(doc_FxL: np.ndarray, features: Sequence[str], where: str) -> np.ndarray:
+    """The cache stores EOS last (`pipeline.eos_column` of its `features`); SeqIO's `append_eos`
+    puts it back."""
+    want = eos_column(features)
+    if doc_FxL.shape[1] < 1 or (doc_FxL[:, -1] != want).any():
+        raise cache.CacheError(f"{where}: last position is not EOS ({dict(zip(features, want.tolist()))}): "
                                f"{doc_FxL[:, -1].tolist()}")
     return doc_FxL[:, :-1]
 
@@ -119,7 +122,7 @@ def read_cache_dataset(cache_dir: str, shuffle_files: bool = False, seed: int | 
                 reader.close()
             for j, rec in enumerate(records):
                 doc = strip_eos(cache.read_document(rec, len(all_names), f"{path}: record {j}")[rows],
-                                f"{path}: record {j}")
+                                names, f"{path}: record {j}")
                 yield dict(zip(names, doc))
 
     return tf.data.Dataset.from_generator(

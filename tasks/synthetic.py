@@ -14,6 +14,7 @@ import os
 import seqio
 import tensorflow as tf
 
+from lime_jax.annotation.pipeline import FEATURES
 from lime_jax.data import cache, synthetic
 from tasks.corpus import (SHIFTS, TASK_SHIFTS, output_features, split_to_sequence_length,
                           strip_eos)
@@ -47,7 +48,7 @@ def annotated_examples(kind: str, cache_dir: str, seed: int, n: int):
     """(examples, features [F, L] without EOS) of one generator split."""
     examples = GENERATORS[kind](n, seed=seed)
     docs, _ = _processor(cache_dir).process([e["text"] for e in examples])
-    return examples, [strip_eos(d, f"{kind} example {e['id']}") for d, e in zip(docs, examples)]
+    return examples, [strip_eos(d, FEATURES, f"{kind} example {e['id']}") for d, e in zip(docs, examples)]
 
 
 def _dataset_fn(kind: str, cache_dir: str, feature_names: tuple[str, ...], splits: dict):

@@ -4,7 +4,7 @@
     made.mixtures[0]  # "tiny_mix_lime": registered, usable as MIXTURE_OR_TASK_NAME
     it = seqio_source.seqio_batches(made.mixtures[0], split="train", ...)
 
-Documents are random ids (EOS last, tags NONE there) over the real file layout of a cache
+Documents are random ids (EOS last, tags EOS there) over the real file layout of a cache
 written by `lime-jax annotate`: shards, manifest, a copy of the SentencePiece model, tag
 vocabulary files.
 """
@@ -21,12 +21,17 @@ import seqio
 from lime_jax.annotation import vocab as vocab_lib
 from lime_jax.annotation.vocab import TagVocab
 from lime_jax.data import cache
-from lime_jax.ids import EOS_ID, NONE_ID
+from lime_jax.ids import EOS_ID, EOS_TAG_ID, NONE_ID
 from tasks.corpus import SHIFTS, TASK_SHIFTS, register_corpus_tasks
 
 POS = vocab_lib.pos_vocab([f"P{i}" for i in range(50)])
 NER = vocab_lib.ner_vocab()
 FIRST_TOKEN_ID = 3  # after PAD, EOS and UNK
+
+
+def _no_eos(tags: np.ndarray) -> np.ndarray:
+    """Ids drawn from [NONE, size - 1) -> NONE or a label: the EOS tag only ends a document."""
+    return tags + (tags >= EOS_TAG_ID)
 
 
 def random_documents(num_docs: int, vocab_size: int, seed: int, max_len: int = 45,
@@ -37,8 +42,9 @@ def random_documents(num_docs: int, vocab_size: int, seed: int, max_len: int = 4
     for _ in range(num_docs):
         n = int(rng.integers(2, max_len))
         doc = np.stack([rng.integers(FIRST_TOKEN_ID, vocab_size, n),
-                        rng.integers(NONE_ID, pos.size, n), rng.integers(NONE_ID, ner.size, n)])
-        doc[0, -1], doc[1:, -1] = EOS_ID, NONE_ID
+                        _no_eos(rng.integers(NONE_ID, pos.size - 1, n)),
+                        _no_eos(rng.integers(NONE_ID, ner.size - 1, n))])
+        doc[0, -1], doc[1:, -1] = EOS_ID, EOS_TAG_ID
         docs.append(doc.astype(np.int32))
     return docs
 

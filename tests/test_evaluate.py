@@ -11,7 +11,7 @@ from lime_jax.inference import model_dir
 from lime_jax.data import cache as cache_lib
 from lime_jax.annotation.vocab import TagVocab
 
-V, D = 16, 24  # tokens use embedding dims 0..15, POS tags dims 16..21 (see handset_params)
+V, D = 16, 24  # tokens use embedding dims 0..15, POS tags dims 16..22 (see handset_params)
 
 
 def numpy_model(cfg, seed: int = 0):
@@ -60,21 +60,21 @@ def handset_params(cfg, next_token: dict[int, int], logit: float = 4.0, tag_next
     return model
 
 
-def tiny_cfg(metadata=(("pos", 6), ("ner", 3))):
+def tiny_cfg(metadata=(("pos", 7), ("ner", 4))):
     from lime_jax.model import ModelConfig
 
     return ModelConfig(vocab_size=V, d_model=D, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=8,
                        metadata=metadata, tie_embeddings=False, dtype="float32")
 
 
-# Two documents [targets, pos, ner, subword_index], EOS (1) last.
+# Two documents [targets, pos, ner, subword_index], EOS last (token 1, tag EOS 2, no word 1).
 DOC_A = np.array([[2, 3, 4, 5, 9, 1],
-                  [2, 3, 3, 4, 5, 1],
-                  [2, 2, 2, 2, 2, 1],
+                  [3, 4, 4, 5, 6, 2],
+                  [3, 3, 3, 3, 3, 2],
                   [2, 2, 3, 2, 2, 1]], np.int32)  # words: [2], [3 4], [5], [9]
 DOC_B = np.array([[7, 8, 9, 10, 11, 12, 13, 1],
-                  [2, 2, 2, 3, 3, 3, 4, 1],
-                  [2, 2, 2, 2, 2, 2, 2, 1],
+                  [3, 3, 3, 4, 4, 4, 5, 2],
+                  [3, 3, 3, 3, 3, 3, 3, 2],
                   [2, 3, 4, 2, 3, 4, 5, 1]], np.int32)  # words: [7 8 9], [10 11 12 13]
 SUCCESSOR = {t: t + 1 for t in range(2, V - 1)} | {0: 2}  # BOS -> 2, t -> t + 1
 
@@ -84,7 +84,7 @@ def handset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     cache_dir = str(root / "heldout")
     cache_lib.write_cache(cache_dir, [DOC_A, DOC_B],
-                          {"targets": V, "targets_pos": 6, "targets_ner": 3, "subword_index": 66},
+                          {"targets": V, "targets_pos": 7, "targets_ner": 4, "subword_index": 66},
                           features=("targets", "targets_pos", "targets_ner", "subword_index"),
                           extra={"spm_model": "spm.model"})
     cfg = tiny_cfg()
@@ -159,7 +159,7 @@ def test_cloze_items_pick_sentence_final_nouns():
     targets = np.arange(2, 2 + n_ctx + 6, dtype=np.int32)
     tags = np.array([dt] * n_ctx + [nn, nn, period, nn, nn, period], np.int32)
     si = np.array([2] * n_ctx + [2, 3, 2, 2, 2, 2], np.int32)
-    doc = np.stack([targets, tags, np.full_like(tags, 2), si])
+    doc = np.stack([targets, tags, np.full_like(tags, 3), si])
     manifest = {"features": ["targets", "targets_pos", "targets_ner", "subword_index"]}
     items = evaluate.cloze_items([doc], manifest, pos, seq_len=16, min_context=32)
     # Items from the end: the noun at 44 (then the next one must end <= 45 - 16).
@@ -168,13 +168,13 @@ def test_cloze_items_pick_sentence_final_nouns():
     assert items == [(0, 42, 44, 1), (0, 39, 40, 2)]  # windows [42, 45) and [39, 42)
 
 
-CLOZE_POS = TagVocab("pos", ("NN", ".", "DT", "NNS"))  # ids 2..5; only NN steers the model
+CLOZE_POS = TagVocab("pos", ("NN", ".", "DT", "NNS"))  # ids 3..6; only NN steers the model
 NN, PERIOD, DT, NNS = (CLOZE_POS.id(t) for t in ("NN", ".", "DT", "NNS"))
 
 
 def _cloze_doc(tokens, pos, subword_index):
-    """[targets, pos, ner, subword_index] with EOS (tags NONE, no word) appended."""
-    rows = [list(tokens) + [1], list(pos) + [1], [2] * len(tokens) + [1], list(subword_index) + [1]]
+    """[targets, pos, ner, subword_index] with EOS (tags EOS, no word) appended."""
+    rows = [list(tokens) + [1], list(pos) + [2], [3] * len(tokens) + [2], list(subword_index) + [1]]
     return np.array(rows, np.int32)
 
 
@@ -198,7 +198,7 @@ def cloze_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cloze")
     cache_dir = str(root / "heldout")
-    cache_lib.write_cache(cache_dir, CLOZE_DOCS, {"targets": V, "targets_pos": 6, "targets_ner": 3, "subword_index": 66},
+    cache_lib.write_cache(cache_dir, CLOZE_DOCS, {"targets": V, "targets_pos": 7, "targets_ner": 4, "subword_index": 66},
                           features=("targets", "targets_pos", "targets_ner", "subword_index"),
                           extra={"spm_model": "spm.model", "vocab_files": {"targets_pos": "vocab_pos.json"}})
     CLOZE_POS.save(f"{cache_dir}/vocab_pos.json")

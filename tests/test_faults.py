@@ -63,7 +63,7 @@ def _docs(n, seed):
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "train")
-    cache.write_cache(out, _docs(96, 0), {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39},
+    cache.write_cache(out, _docs(96, 0), {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40},
                       docs_per_shard=32)
     return out
 
@@ -89,7 +89,7 @@ def _final_params(model_dir):
     from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                      dtype="float32", metadata=(("pos", 52), ("ner", 39)))
+                      dtype="float32", metadata=(("pos", 53), ("ner", 40)))
     _, abstract = abstract_model(cfg)
     params, step = ckpt_lib.restore_params(model_dir, abstract)
     return step, params
@@ -256,7 +256,7 @@ def _restore_newest(model_dir, cache_dir):
     from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                      dtype="float32", metadata=(("pos", 52), ("ner", 39)))
+                      dtype="float32", metadata=(("pos", 53), ("ner", 40)))
     _, abstract = abstract_model(cfg)
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(), 6)
     data_iter = iter(loader.build_dataset(cache_dir, seq_len=32, batch_size=8, shard_index=0, shard_count=1))

@@ -9,11 +9,11 @@ from lime_jax.inference import generate
 from lime_jax.inference import model_dir
 from lime_jax.data import cache as cache_lib
 from lime_jax.annotation.vocab import TagVocab
-from lime_jax.ids import NONE_ID, PAD_ID
+from lime_jax.ids import EOS_TAG_ID, NONE_ID, PAD_ID
 from test_evaluate import V, handset_params, numpy_model, tiny_cfg
 
-POS = TagVocab("pos", ("CD", ".", "NN", "DT"))  # ids 2..5
-NER = TagVocab("ner", ("O",))  # id 2
+POS = TagVocab("pos", ("CD", ".", "NN", "DT"))  # ids 3..6
+NER = TagVocab("ner", ("O",))  # id 3
 EOS = 1
 
 
@@ -79,12 +79,15 @@ def test_sampling_filters():
 
 def test_parse_guide_forms_and_errors():
     vocabs, names = {"pos": POS, "ner": NER}, ("pos", "ner")
-    np.testing.assert_array_equal(generate.parse_guide("CD CD .", vocabs, names), [[2, 2, 3], [2, 2, 2]])
-    np.testing.assert_array_equal(generate.parse_guide("NN/O NONE -", vocabs, names),
-                                  [[4, NONE_ID, generate.FORECAST_ID], [2, NONE_ID, generate.FORECAST_ID]])
+    np.testing.assert_array_equal(generate.parse_guide("CD CD .", vocabs, names), [[3, 3, 4], [3, 3, 3]])
+    F = generate.FORECAST_ID
+    np.testing.assert_array_equal(generate.parse_guide("NN/O NONE - EOS <eos>", vocabs, names),
+                                  [[5, NONE_ID, F, EOS_TAG_ID, EOS_TAG_ID], [3, NONE_ID, F, EOS_TAG_ID, EOS_TAG_ID]])
+    np.testing.assert_array_equal(generate.parse_guide('[{"pos": "CD"}, {"pos": "EOS", "ner": "EOS"}]', vocabs, names),
+                                  [[3, EOS_TAG_ID], [3, EOS_TAG_ID]])
     as_list = generate.parse_guide('[{"pos": "CD", "ner": "O"}, {"pos": "."}]', vocabs, names)
     as_dict = generate.parse_guide('{"pos": ["CD", "."], "ner": ["O", "O"]}', vocabs, names)
-    np.testing.assert_array_equal(as_list, [[2, 3], [2, 2]])
+    np.testing.assert_array_equal(as_list, [[3, 4], [3, 3]])
     np.testing.assert_array_equal(as_dict, as_list)
     with pytest.raises(generate.GuideError, match=r"step 2: unknown pos tag 'VBZ'.*CD, \., NN, DT"):
         generate.parse_guide("CD VBZ", vocabs, names)
@@ -108,31 +111,31 @@ def _inc(shift_tag_next, **kw):
                                              tag_next=shift_tag_next, **kw))
 
 
-# Tag -> next token for a model that follows its tags: NONE -> EOS, CD -> 7, '.' -> 8, NN -> 9.
-# Without a tag (PAD adds nothing, even though the hand-set table has a row for it) every
-# token predicts token 2.
-FOLLOW_TAGS = {PAD_ID: 11, NONE_ID: EOS, 2: 7, 3: 8, 4: 9, 5: 10}
+# Tag -> next token for a model that follows its tags: EOS -> EOS, CD -> 7, '.' -> 8, NN -> 9,
+# DT -> 10; NONE (a whitespace-only piece) -> 12. Without a tag (PAD adds nothing, even though
+# the hand-set table has a row for it) every token predicts token 2.
+FOLLOW_TAGS = {PAD_ID: 11, NONE_ID: 12, EOS_TAG_ID: EOS, 3: 7, 4: 8, 5: 9, 6: 10}
 
 
 def test_lime_plus1_follows_guide_then_continues_unguided():
     inc = _inc(FOLLOW_TAGS)
     prompts = [np.array([3, 4, 5], np.int32), np.array([6], np.int32)]
-    prompt_tags = [np.array([[5, 5, 5], [2, 2, 2]], np.int32), np.array([[5], [2]], np.int32)]
-    guides = [np.array([[2, 2, 3, NONE_ID], [2, 2, 2, NONE_ID]], np.int32), np.array([[4], [2]], np.int32)]
+    prompt_tags = [np.array([[6, 6, 6], [3, 3, 3]], np.int32), np.array([[6], [3]], np.int32)]
+    guides = [np.array([[3, 3, 4, EOS_TAG_ID], [3, 3, 3, EOS_TAG_ID]], np.int32), np.array([[5], [3]], np.int32)]
     out = generate.decode_batch(inc, 1, prompts, prompt_tags, max_new=4, guides=guides)
-    assert out[0].ids == [7, 7, 8] and out[0].stopped_at_eos  # the guide's NONE -> EOS
+    assert out[0].ids == [7, 7, 8] and out[0].stopped_at_eos  # the guide's EOS -> EOS
     np.testing.assert_array_equal(out[0].tags, guides[0][:, :3])
     assert out[1].ids == [9, 2, 2, 2] and not out[1].stopped_at_eos  # then no metadata: tokens decide
-    assert out[1].tags[0].tolist() == [4, PAD_ID, PAD_ID, PAD_ID]
+    assert out[1].tags[0].tolist() == [5, PAD_ID, PAD_ID, PAD_ID]
     unguided = generate.decode_batch(inc, 1, prompts, prompt_tags, max_new=3, guides=None)
     assert [d.ids for d in unguided] == [[2, 2, 2], [2, 2, 2]]
 
 
 def test_oracle_guide_ends_with_the_eos_tag():
     inc = _inc(FOLLOW_TAGS)
-    guide = generate.oracle_guide(np.array([[2, 3], [2, 2]], np.int32))
-    np.testing.assert_array_equal(guide, [[2, 3, NONE_ID], [2, 2, NONE_ID]])
-    out = generate.decode_batch(inc, 1, [np.array([3], np.int32)], [np.array([[5], [2]], np.int32)], max_new=5,
+    guide = generate.oracle_guide(np.array([[3, 4], [3, 3]], np.int32))
+    np.testing.assert_array_equal(guide, [[3, 4, EOS_TAG_ID], [3, 3, EOS_TAG_ID]])
+    out = generate.decode_batch(inc, 1, [np.array([3], np.int32)], [np.array([[6], [3]], np.int32)], max_new=5,
                                 guides=[guide])[0]
     assert out.ids == [7, 8] and out.stopped_at_eos
 
@@ -143,18 +146,18 @@ def test_lime_tags_come_from_retagging_the_prefix():
 
     def retag(seqs):  # a tagger: CD for even ids, NN for odd ids
         calls.append([list(s) for s in seqs])
-        return [np.stack([np.where(np.array(s) % 2 == 0, 2, 4), np.full(len(s), 2)]).astype(np.int32)
+        return [np.stack([np.where(np.array(s) % 2 == 0, 3, 5), np.full(len(s), 3)]).astype(np.int32)
                 for s in seqs]
 
     # shift 0: the input token's own tags. Prompt [3] tagged '.', so the model predicts 8;
     # 8 is even -> CD -> 7; 7 odd -> NN -> 9; 9 -> NN -> 9.
-    out = generate.decode_batch(inc, 0, [np.array([3], np.int32)], [np.array([[3], [2]], np.int32)],
+    out = generate.decode_batch(inc, 0, [np.array([3], np.int32)], [np.array([[4], [3]], np.int32)],
                                 max_new=4, retag=retag)[0]
     assert out.ids == [8, 7, 9, 9]
     assert calls[0] == [[3, 8]] and calls[1] == [[3, 8, 7]]
-    assert out.tags[0].tolist() == [2, 4, 4, 4]
+    assert out.tags[0].tolist() == [3, 5, 5, 5]
     with pytest.raises(ValueError, match="retag"):
-        generate.decode_batch(inc, 0, [np.array([3], np.int32)], [np.array([[3], [2]], np.int32)], max_new=1)
+        generate.decode_batch(inc, 0, [np.array([3], np.int32)], [np.array([[4], [3]], np.int32)], max_new=1)
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +166,16 @@ def handset_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gen")
     cache_dir = str(root / "cache")
-    doc = np.array([[2, 3, 1], [2, 2, 1], [2, 2, 1], [2, 2, 1]], np.int32)
-    cache_lib.write_cache(cache_dir, [doc], {"targets": V, "targets_pos": 6, "targets_ner": 3, "subword_index": 66},
+    doc = np.array([[2, 3, 1], [3, 3, 2], [3, 3, 2], [2, 2, 1]], np.int32)
+    cache_lib.write_cache(cache_dir, [doc], {"targets": V, "targets_pos": 7, "targets_ner": 4, "subword_index": 66},
                           features=("targets", "targets_pos", "targets_ner", "subword_index"),
                           extra={"spm_model": "spm.model",
                                  "vocab_files": {"targets_pos": "vocab_pos.json", "targets_ner": "vocab_ner.json"}})
     POS.save(f"{cache_dir}/vocab_pos.json")
     NER.save(f"{cache_dir}/vocab_ner.json")
     dirs = {}
-    for arm, metadata, shift in (("baseline", (), 0), ("lime", (("pos", 6), ("ner", 3)), 0),
-                                 ("lime_plus1", (("pos", 6), ("ner", 3)), 1)):
+    for arm, metadata, shift in (("baseline", (), 0), ("lime", (("pos", 7), ("ner", 4)), 0),
+                                 ("lime_plus1", (("pos", 7), ("ner", 4)), 1)):
         cfg = tiny_cfg(metadata)
         model = handset_params(cfg, {t: 2 for t in range(V)})
         dirs[arm] = str(root / arm)
@@ -242,10 +245,10 @@ def test_generate_text_with_oracle_guidance_and_reannotation(real_dirs, capsys):
     prompt = "Q: What is 12 + 30?\nA:"
     res = generate.generate(lp1, prompt, guide_from=" 42")
     _, answer = generate.split_prompt(lp1, prompt, " 42")
-    assert res["guide_steps"] == answer.shape[1] + 1  # + the end-of-text NONE
+    assert res["guide_steps"] == answer.shape[1] + 1  # + the end-of-text EOS
     assert len(res["ids"]) <= answer.shape[1] + 1
     assert res["tags_source"].startswith("guide-from")
-    expected = [lp1.vocabs["pos"].tag(int(t)) for t in answer[1]] + ["<none>"]
+    expected = [lp1.vocabs["pos"].tag(int(t)) for t in answer[1]] + ["<eos>"]
     assert [t["pos"] for t in res["tags"]] == expected[:len(res["ids"])]
     assert "CD" in expected
     lime = model_dir.load(real_dirs["lime"])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from lime_jax.annotation.align import MAX_SUBWORD_INDEX
 from lime_jax.annotation.pipeline import DocumentProcessor, check_invariants
 from lime_jax.cli import annotate
-from lime_jax.ids import EOS_ID, NONE_ID
+from lime_jax.ids import EOS_ID, EOS_TAG_ID, NONE_ID
 
 COMBINING = st.characters(whitelist_categories=("Mn", "Me", "Mc"))
 RTL = st.characters(min_codepoint=0x0590, max_codepoint=0x06FF) | st.sampled_from(
@@ -38,7 +38,7 @@ def processor(request, annotator, spm_model):
 
 def _check_word_invariants(features):
     ids, pos, ner, sub = features[:, :-1]
-    assert features[0, -1] == EOS_ID and (features[1:, -1] == NONE_ID).all()
+    assert features[0, -1] == EOS_ID and (features[1:3, -1] == EOS_TAG_ID).all() and features[3, -1] == NONE_ID
     no_word = sub == NONE_ID
     # A piece has a word exactly when it has tags (pieces of spaces only have neither).
     np.testing.assert_array_equal(pos == NONE_ID, no_word)

@@ -8,7 +8,7 @@ import pytest
 
 from lime_jax.data import cache, loader, packing
 
-SIZES = {"targets": 1_000_000, "targets_pos": 52, "targets_ner": 39}
+SIZES = {"targets": 1_000_000, "targets_pos": 53, "targets_ner": 40}
 NONE = 1
 
 
@@ -20,7 +20,7 @@ def make_docs(n, max_len=40, seed=0):
         length = int(rng.integers(1, max_len))
         docs.append(np.stack([
             1000 * (i + 1) + np.arange(length),
-            rng.integers(1, 52, length), rng.integers(1, 39, length)]).astype(np.int32))
+            rng.integers(1, 53, length), rng.integers(1, 40, length)]).astype(np.int32))
     return docs
 
 

@@ -12,18 +12,18 @@ from lime_jax.annotation.annotator import split_long_text
 from lime_jax.annotation.pipeline import DocumentProcessor, check_invariants
 from lime_jax.annotation.spm import Tokenizer
 from lime_jax.data import packing
-from lime_jax.ids import EOS_ID, NONE_ID, PAD_ID
+from lime_jax.ids import EOS_ID, EOS_TAG_ID, NONE_ID, NUM_RESERVED_TAGS, PAD_ID
 
 # --- vocabularies -----------------------------------------------------------------------------
 
 
 def test_reserved_ids_and_sizes(annotator):
     pos, ner = annotator.vocabularies()
-    assert (PAD_ID, NONE_ID) == (0, 1)
-    assert pos.size == 52 and pos.id(pos.labels[0]) == 2
-    assert ner.size == 39 and ner.tokens[:3] == ("<pad>", "<none>", "O")
+    assert (PAD_ID, NONE_ID, EOS_TAG_ID) == (0, 1, 2)
+    assert pos.size == 53 and pos.id(pos.labels[0]) == 3
+    assert ner.size == 40 and ner.tokens[:4] == ("<pad>", "<none>", "<eos>", "O")
     assert ner.id("B-PERSON") != ner.id("I-PERSON")
-    assert vocab.ner_vocab(scheme="types").size == 21
+    assert vocab.ner_vocab(scheme="types").size == 22
 
 
 def test_vocab_roundtrip_and_unknown_tag(tmp_path):
@@ -35,6 +35,11 @@ def test_vocab_roundtrip_and_unknown_tag(tmp_path):
     (tmp_path / "bad.json").write_text('{"name": "pos", "tokens": ["NN"]}')
     with pytest.raises(ValueError, match="bad.json.*must start with"):
         vocab.TagVocab.load(tmp_path / "bad.json")
+    # A vocabulary from before EOS had its own tag id (labels from 2) says how to replace it.
+    (tmp_path / "v1.json").write_text('{"name": "pos", "tokens": ["<pad>", "<none>", "NN"]}')
+    with pytest.raises(ValueError, match=r"v1.json: field 'tokens' must start with '<pad>', '<none>', '<eos>'.*"
+                                         r"before EOS had its own tag id: rebuild the cache"):
+        vocab.TagVocab.load(tmp_path / "v1.json")
 
 
 # --- alignment rules on hand-made offsets (no spaCy) ------------------------------------------
@@ -105,7 +110,7 @@ def test_known_sentence(processor):
     features, pieces = _rows(processor, text)
     pos = [processor.pos_vocab.tag(i) for i in features[1]]
     ner = [processor.ner_vocab.tag(i) for i in features[2]]
-    assert features[0, -1] == EOS_ID and pos[-1] == ner[-1] == "<none>"
+    assert features[0, -1] == EOS_ID and pos[-1] == ner[-1] == "<eos>" and features[3, -1] == NONE_ID
     assert processor.tokenizer.decode(features[0, :-1]) == text
     content = processor.tokenizer.has_content[features[0]]
     runs = [t for i, t in enumerate(zip(pos, ner)) if content[i] and (i == 0 or (pos[i - 1], ner[i - 1]) != t)]
@@ -134,8 +139,8 @@ def test_lime_and_plain_tag_every_word_piece(processor):
     text = "The committee approved 3 new bills on Tuesday."
     features, pieces = _rows(processor, text)
     content = processor.tokenizer.has_content[features[0, :-1]]
-    # Pieces with characters have a real tag; pieces of spaces only have NONE.
-    assert (features[1, :-1][content] >= 2).all()
+    # Pieces with characters have a real tag; pieces of spaces only have NONE (never EOS).
+    assert (features[1, :-1][content] >= NUM_RESERVED_TAGS).all()
     assert (features[1, :-1][~content] == NONE_ID).all()
 
 
@@ -157,7 +162,8 @@ def test_invariants_on_generated_text(processor, text):
         return
     check_invariants(features, list(processor.vocab_sizes.values()))
     assert features.dtype == np.int32 and features[0, -1] == EOS_ID
-    assert (features[1:, -1] == NONE_ID).all()
+    assert (features[1:3, -1] == EOS_TAG_ID).all() and features[3, -1] == NONE_ID  # subword_index: no word
+    assert (features[1:3, :-1] != EOS_TAG_ID).all()  # the EOS tag only ends a document
 
 
 def test_empty_documents_are_skipped_and_counted(processor):
@@ -203,6 +209,6 @@ def test_show_json(spm_model, capsys):
     assert len({len(v) for v in rows.values()}) == 1
     # LIME+1: "Hi" carries the tags of the piece after it; the last position NONE.
     assert rows["pos"][-1] == rows["ner"][-1] == "<none>"
-    assert rows["pos"][-2] == "<none>"  # "." carries EOS's tag
+    assert rows["pos"][-2] == rows["ner"][-2] == "<eos>"  # "." carries EOS's tag: "stop here"
     assert show.main(["--spm", spm_model, "A", "table."]) == 0
     assert "piece" in capsys.readouterr().out

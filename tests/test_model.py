@@ -16,7 +16,7 @@ from lime_jax.model import Decoder, ModelConfig, abstract_model, loss_and_metric
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "model_tiny.json"
-META = (("pos", 52), ("ner", 39))
+META = (("pos", 53), ("ner", 40))
 TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                    metadata=META, dtype="float32")
 
@@ -83,8 +83,8 @@ def test_same_seed_pairs_lime_with_the_baseline():
     assert len(base_params) == len(lime_params) - len(tables)
     # The tables themselves are distinct draws, and differ from the token table's rows.
     pos, ner = (dict(lime_params)[("embed", "tables", n)][...] for n in ("pos", "ner"))
-    assert not np.allclose(pos[:39], ner)
-    assert not np.allclose(pos, dict(lime_params)[("embed", "token")][...][:52])
+    assert not np.allclose(pos[:40], ner)
+    assert not np.allclose(pos, dict(lime_params)[("embed", "token")][...][:53])
 
 
 def test_tag_change_is_causal_and_stays_in_its_document(lime, batch):
@@ -181,7 +181,7 @@ def test_size_configs_param_counts(name, low, high):
     overhead = model.param_overhead()
     print(f"{name}: {n / 1e6:.2f}M params, metadata overhead {100 * overhead:.4f}%")
     assert low <= n <= high
-    assert overhead == (52 + 39) * cfg.d_model / n
+    assert overhead == (53 + 40) * cfg.d_model / n
     assert overhead < (0.02 if name == "quickstart" else 3e-4)
 
 
@@ -206,8 +206,8 @@ def _with_cfg(model, **changes):
 
 
 def test_out_of_range_ids_raise_eagerly_and_are_never_clipped(lime, batch):
-    for value in (52, -1):
-        with pytest.raises(ValueError, match=r"metadata 'pos': 1 id\(s\) outside \[0, 52\)"):
+    for value in (53, -1):
+        with pytest.raises(ValueError, match=r"metadata 'pos': 1 id\(s\) outside \[0, 53\)"):
             loss_and_metrics(lime, _bad(batch, "decoder_input_pos", _set(value)))
     for value in (512, -1):
         with pytest.raises(ValueError, match=r"tokens: 1 id\(s\) outside \[0, 512\)"):
@@ -221,8 +221,8 @@ def test_out_of_range_ids_raise_eagerly_and_are_never_clipped(lime, batch):
     graphdef, state = nnx.split(lime)
     loss_fn = jax.jit(lambda state, batch: loss_and_metrics(nnx.merge(graphdef, state), batch)[0])
     assert np.isfinite(loss_fn(state, batch))
-    for key, values in (("decoder_input_tokens", (512, -1)), ("decoder_input_pos", (52, -1)),
-                        ("decoder_input_ner", (39, -1)), ("decoder_target_tokens", (512, -1))):
+    for key, values in (("decoder_input_tokens", (512, -1)), ("decoder_input_pos", (53, -1)),
+                        ("decoder_input_ner", (40, -1)), ("decoder_target_tokens", (512, -1))):
         for value in values:
             assert np.isnan(loss_fn(state, _bad(batch, key, _set(value)))), (key, value)
 
@@ -234,8 +234,8 @@ def test_check_ids_raises_under_jit_naming_the_feature(lime, batch):
     def grad_step(state, batch):  # the shape of the trainer's step: jit(value_and_grad(loss))
         return jax.value_and_grad(lambda s: loss_and_metrics(nnx.merge(graphdef, s), batch)[0])(state)
 
-    for key, value, what in (("decoder_input_ner", 39, r"metadata 'ner': 1 id\(s\) outside \[0, 39\)"),
-                             ("decoder_input_pos", -1, r"metadata 'pos': 1 id\(s\) outside \[0, 52\)"),
+    for key, value, what in (("decoder_input_ner", 40, r"metadata 'ner': 1 id\(s\) outside \[0, 40\)"),
+                             ("decoder_input_pos", -1, r"metadata 'pos': 1 id\(s\) outside \[0, 53\)"),
                              ("decoder_input_tokens", -1, r"tokens: 1 id\(s\) outside \[0, 512\)"),
                              ("decoder_target_tokens", 600, r"decoder_target_tokens: 1 id\(s\) outside")):
         with pytest.raises(Exception, match=what):
@@ -311,7 +311,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):
         TINY.replace(n_heads=6, n_kv_heads=4, head_dim=16)
     with pytest.raises(ValueError, match="duplicate table names"):
-        TINY.replace(metadata=(("pos", 52), ("pos", 39)))
+        TINY.replace(metadata=(("pos", 53), ("pos", 40)))
     with pytest.raises(ValueError, match="metadata_weight"):
         TINY.replace(metadata_weight="sometimes")
     with pytest.raises(TypeError, match="ModelConfig.dtype"):
@@ -320,4 +320,4 @@ def test_config_validation():
         TINY.replace(z_loss=-1e-4)
     with pytest.raises(TypeError, match="ModelConfig.check_ids"):
         TINY.replace(check_ids="yes")
-    assert TINY.replace(metadata=[["pos", 52]]).metadata == (("pos", 52),)  # gin/JSON lists
+    assert TINY.replace(metadata=[["pos", 53]]).metadata == (("pos", 53),)  # gin/JSON lists

@@ -38,7 +38,7 @@ def _write_cache(out_dir, n_docs, seed, lengths=((8, 50),)):
         toks = rng.integers(2, VOCAB, size=int(rng.integers(low, high)))
         toks[-1] = 1  # EOS
         docs.append(np.stack([toks, 2 + toks % 50, 2 + toks % 37]).astype(np.int32))
-    cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39},
+    cache.write_cache(out_dir, docs, {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40},
                       docs_per_shard=n_docs // 2)
     return docs
 

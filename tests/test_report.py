@@ -42,7 +42,7 @@ def _results(places, addition):
             "addition": {"modes": {m: {"accuracy": a, "n": 30} for m, a in addition.items()}}}
 
 
-META = (("pos", 52), ("ner", 39))
+META = (("pos", 53), ("ner", 40))
 
 
 @pytest.fixture
@@ -126,8 +126,8 @@ def _mode_results(heldout, addition, reasoning):
     return res
 
 
-AUX_HEADS = (("pos", 52, 1, 1.0), ("ner", 39, 1, 1.0))
-SELF_PLUS1_HEADS = (("pos", 52, 2, 1.0), ("ner", 39, 2, 1.0))
+AUX_HEADS = (("pos", 53, 1, 1.0), ("ner", 40, 1, 1.0))
+SELF_PLUS1_HEADS = (("pos", 53, 2, 1.0), ("ner", 40, 2, 1.0))
 
 
 def test_modes_side_by_side_label_tags_and_keep_the_oracle_gain_share(tmp_path, capsys):

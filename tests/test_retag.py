@@ -8,6 +8,7 @@ from lime_jax.annotation import local_runner, tag_sources
 from lime_jax.annotation.retag import retag_cache
 from lime_jax.annotation.worker import ProcessorSpec
 from lime_jax.data import cache as cache_lib
+from lime_jax.ids import EOS_TAG_ID
 
 TEXTS = [
     "President Lincoln spoke in Gettysburg in 1863. The nation mourned.",
@@ -44,7 +45,7 @@ def test_prefix_retag_keeps_pieces_and_names_the_source(oracle_cache, tmp_path, 
     for doc, oracle, tags in zip(docs, oracle_docs, want):
         np.testing.assert_array_equal(doc[[tok, sub]], oracle[[tok, sub]])
         np.testing.assert_array_equal(doc[rows, :-1], tags)
-        np.testing.assert_array_equal(doc[rows, -1], [1, 1])  # EOS keeps NONE
+        np.testing.assert_array_equal(doc[rows, -1], [EOS_TAG_ID, EOS_TAG_ID])  # EOS keeps its tag
         changed += int((doc[rows] != oracle[rows]).sum())
     assert changed > 0  # prefix tags differ from oracle ones somewhere on these sentences
     # Same settings again: a no-op; other settings: an error unless overwrite.
@@ -103,7 +104,7 @@ def _random_lime_dir(root, spm_model, cache_dir, shift):
     from lime_jax.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=Tokenizer(spm_model).vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                      d_ff=32, metadata=(("pos", 52), ("ner", 39)), dtype="float32")
+                      d_ff=32, metadata=(("pos", 53), ("ner", 40)), dtype="float32")
     out = str(root / f"shift{shift}")
     model_dir.save_model_dir(out, cfg, nnx.state(numpy_model(cfg), nnx.Param), step=1, seq_len=16, shift=shift,
                              cache_dir=cache_dir, eval_cache_dir=cache_dir)

@@ -36,7 +36,7 @@ def spm_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, spm_model):
-    """Random documents (EOS last, tags NONE there) in a cache, registered as `handmade_*`."""
+    """Random documents (EOS last, tags EOS there) in a cache, registered as `handmade_*`."""
     docs = testing.random_documents(30, 360, seed=1)
     d = str(tmp_path_factory.mktemp("corpus"))
     testing.write_cache_dir(d, docs, spm_model)
@@ -103,7 +103,7 @@ def test_task_reproduces_the_cache(corpus):
     task = seqio.get_mixture_or_task("handmade_lime")
     got = list(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
     assert len(got) == len(docs)
-    for ex, doc in zip(got, docs):  # append_eos puts back EOS / NONE, aligned in every stream
+    for ex, doc in zip(got, docs):  # append_eos puts back EOS (tag EOS), aligned in every stream
         for i, k in enumerate(["targets", "targets_pos", "targets_ner"]):
             np.testing.assert_array_equal(ex[k], doc[i])
     # With a sequence length, long documents are split (not trimmed): every token survives.
@@ -114,15 +114,16 @@ def test_task_reproduces_the_cache(corpus):
 
 def test_tag_vocabulary():
     v = tasks.TagVocabulary(NER)
-    assert (v.pad_id, v.eos_id, v.vocab_size) == (0, 1, 39)
+    assert (v.pad_id, v.eos_id, v.vocab_size) == (0, 2, 40)
     ids = v.encode("O B-PERSON I-PERSON <none> O")
-    assert ids == [2, NER.id("B-PERSON"), NER.id("I-PERSON"), 1, 2]
-    assert v.decode(ids) == "O B-PERSON I-PERSON <none> O"  # NONE (= EOS) does not cut
+    assert ids == [3, NER.id("B-PERSON"), NER.id("I-PERSON"), 1, 3]
+    assert v.decode(ids) == "O B-PERSON I-PERSON <none> O"  # NONE (whitespace) does not cut
+    assert v.decode([3, 2, 3]) == "O <eos>"  # EOS does, as in SentencePiece vocabularies
     import tensorflow as tf
 
     np.testing.assert_array_equal(v.encode_tf(tf.constant("O B-DATE")).numpy(),
-                                  [2, NER.id("B-DATE")])
-    assert v.decode_tf(tf.constant([2, 1])).numpy() == b"O <none>"
+                                  [3, NER.id("B-DATE")])
+    assert v.decode_tf(tf.constant([3, 1])).numpy() == b"O <none>"
     with pytest.raises(ValueError, match="unknown ner tag 'X-Y'"):
         v.encode("O X-Y")
     assert v == tasks.TagVocabulary(vocab_lib.ner_vocab()) != tasks.TagVocabulary(POS)
@@ -131,9 +132,10 @@ def test_tag_vocabulary():
 def test_converter_unpacked_and_hand_made_shift():
     import tensorflow as tf
 
-    ex = {"targets": [5, 6, 7, 1], "targets_pos": [20, 21, 22, 1], "targets_ner": [30, 31, 32, 1]}
+    ex = {"targets": [5, 6, 7, 1], "targets_pos": [20, 21, 22, 2], "targets_ner": [30, 31, 32, 2]}
     ds = tf.data.Dataset.from_tensors({k: tf.constant(v, tf.int32) for k, v in ex.items()})
-    want = {0: [1, 20, 21, 22], 1: [20, 21, 22, 1], -1: [1, 1, 20, 21]}
+    # LIME+1's last input carries EOS's tag (2); BOS and outside the segment carry NONE (1).
+    want = {0: [1, 20, 21, 22], 1: [20, 21, 22, 2], -1: [1, 1, 20, 21]}
     for shift, pos in want.items():
         out = next(LimeLMFeatureConverter(shift=shift, pack=False)(
             ds, {"targets": 6}).as_numpy_iterator())
@@ -144,12 +146,12 @@ def test_converter_unpacked_and_hand_made_shift():
 
 def test_corpus_task_rejects_mismatched_vocab(tmp_path, spm_model, corpus):
     _, docs, _ = corpus
-    # A types-only NER vocabulary (21 ids) over documents tagged with BIO ids (up to 38).
+    # A types-only NER vocabulary (22 ids) over documents tagged with BIO ids (up to 39).
     testing.write_cache_dir(str(tmp_path), docs, spm_model,
                             ner=vocab_lib.ner_vocab(scheme="types"))
     with pytest.raises(cache.CacheError, match="feature 'targets_ner'"):
         cache.verify_cache(str(tmp_path), check_records=True)
-    with pytest.raises(cache.CacheError, match="'vocab_sizes.targets_ner'.*size 21.*asks for 39"):
+    with pytest.raises(cache.CacheError, match="'vocab_sizes.targets_ner'.*size 22.*asks for 40"):
         loader.build_dataset(str(tmp_path), 16, 2, shard_index=0, shard_count=1,
                              expected_vocab_sizes={"targets_ner": NER.size})
     os.remove(tmp_path / "vocab_pos.json")
@@ -196,7 +198,7 @@ def test_synthetic_tasks_annotated_with_the_pipeline(tmp_path, spm_model, corpus
     for ex, w in zip(exs, want):
         assert ex["prompt"].decode() == w["prompt"] and ex["answer"].decode() == w["answer"]
         assert len(ex["targets"]) == len(ex["targets_pos"]) == len(ex["targets_ner"])
-        assert ex["targets"][-1] == 1 and ex["targets_pos"][-1] == ex["targets_ner"][-1] == 1
+        assert ex["targets"][-1] == 1 and ex["targets_pos"][-1] == ex["targets_ner"][-1] == 2  # EOS, tag EOS
         assert w["answer"].strip() in spm.decode(ex["targets"].tolist())
         assert (ex["targets_pos"][:-1] >= 1).all() and (ex["targets_ner"] < ner.size).all()
     mixed = seqio.get_dataset(mixtures[1], {"targets": 32}, tasks.feature_converter(mixtures[1]),

@@ -19,7 +19,7 @@ from lime_jax.trainer import step as step_lib
 
 # One layer keeps the many compiles here cheap; test_model.py covers depth.
 TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128,
-                   metadata=(("pos", 52), ("ner", 39)), dtype="float32")
+                   metadata=(("pos", 53), ("ner", 40)), dtype="float32")
 ARMS = {"lime": TINY, "baseline": TINY.baseline()}
 
 

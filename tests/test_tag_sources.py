@@ -144,7 +144,7 @@ def test_show_names_its_tag_source(spm_model, capsys):
     assert prefix["pieces"] == oracle["pieces"]
     her = prefix["pieces"].index("▁her")
     assert (prefix["pos"][her], oracle["pos"][her]) == ("PRP", "PRP$")
-    assert prefix["pos"][-1] == prefix["ner"][-1] == "<none>"  # EOS
+    assert prefix["pos"][-1] == prefix["ner"][-1] == "<eos>"  # EOS
 
     assert show.main(["--spm", spm_model, "--tags", "prefix", "--plus-one", "Hi", "Bob."]) == 0
     table = capsys.readouterr().out

@@ -148,7 +148,7 @@ def test_load_errors(tagger_dir, tagger, tmp_path, spm_model):
 
     from lime_jax.annotation.vocab import TagVocab, ner_vocab
 
-    with pytest.raises(TaggerDirError, match=r"vocab_ner.json: .*'ner' vocabulary differs .*39 tags vs 21"):
+    with pytest.raises(TaggerDirError, match=r"vocab_ner.json: .*'ner' vocabulary differs .*40 tags vs 22"):
         CausalTagger.load(tagger_dir, expected_vocabs={"ner": ner_vocab(scheme="types")})
     pos = tagger.vocabs["pos"]
     swapped = TagVocab("pos", (pos.labels[1], pos.labels[0]) + pos.labels[2:])

@@ -17,6 +17,7 @@ import pytest
 
 from lime_jax.cli import train as cli_train
 from lime_jax.data import cache
+from lime_jax.ids import EOS_ID, EOS_TAG_ID, NUM_RESERVED_TAGS
 from lime_jax.trainer import checkpoint as ckpt_lib
 from lime_jax.trainer import gin_config
 from lime_jax.trainer import metrics as metrics_lib
@@ -44,12 +45,14 @@ def _write_cache(out_dir, n_docs, seed):
         for i in range(1, n):
             follow = rng.random() < 0.8
             toks[i] = (toks[i - 1] * 5 + 3) % (VOCAB - 2) + 2 if follow else rng.integers(2, VOCAB)
-        toks[-1] = 1  # EOS
-        docs.append(np.stack([toks, 2 + toks % 50, 2 + toks % 37]).astype(np.int32))
+        toks[-1] = EOS_ID
+        tags = np.stack([NUM_RESERVED_TAGS + toks % 50, NUM_RESERVED_TAGS + toks % 37])  # labels
+        tags[:, -1] = EOS_TAG_ID
+        docs.append(np.concatenate([toks[None], tags]).astype(np.int32))
     shards = [cache.write_shard(out_dir, i, docs[i::2]) for i in range(2)]
     cache.write_manifest(out_dir, {
         "format": cache.FORMAT, "features": list(cache.DEFAULT_FEATURES), "shards": shards,
-        "vocab_sizes": {"targets": VOCAB, "targets_pos": 52, "targets_ner": 39}})
+        "vocab_sizes": {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40}})
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,7 @@ def test_short_run_learns_and_writes_artifacts(full_run):
                 "train/checkpoint_save_s", "eval/perplexity"):
         assert tag in events, tag
     config = open(os.path.join(model_dir, "config.gin")).read()
-    assert "ModelConfig.metadata = (('pos', 52), ('ner', 39))" in config and "TrainConfig.train_steps" in config
+    assert "ModelConfig.metadata = (('pos', 53), ('ner', 40))" in config and "TrainConfig.train_steps" in config
     # Extra held-out sets are evaluated at the same steps, and every set's tag source is recorded.
     assert [v for _, v in events["eval_prefix/accuracy"]] == [v for _, v in events["eval/accuracy"]]
     assert summary["extra_evals"]["eval_prefix"]["accuracy"] == summary["eval_accuracy"]
@@ -164,7 +167,7 @@ def test_restore_params_alone(full_run):
     model_dir, _ = full_run
     from lime_jax.model import ModelConfig, abstract_model
 
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, metadata=(("pos", 52), ("ner", 39)))
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, metadata=(("pos", 53), ("ner", 40)))
     _, abstract = abstract_model(cfg)
     params, step = ckpt_lib.restore_params(model_dir, abstract)
     assert step == STEPS
@@ -246,7 +249,7 @@ def test_weight_decay_skips_norms_and_embeddings():
 
     from lime_jax.model import ModelConfig, abstract_model
 
-    cfg = ModelConfig(metadata=(("pos", 52),), metadata_weight="learned", tie_embeddings=False)
+    cfg = ModelConfig(metadata=(("pos", 53),), metadata_weight="learned", tie_embeddings=False)
     _, abstract = abstract_model(cfg)
     mask = {"/".join(map(str, p)): bool(v.get_value()) for p, v in nnx.to_flat_state(optim.decay_mask(abstract))}
     assert not any(mask[k] for k in mask if k.startswith("embed/") or k.endswith("scale"))
@@ -267,7 +270,7 @@ def test_grad_accumulation_matches_full_batch(full_run, caches):
     from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32",
-                      metadata=(("pos", 52), ("ner", 39)))
+                      metadata=(("pos", 53), ("ner", 40)))
     graphdef, abstract = abstract_model(cfg)
     params, _ = ckpt_lib.restore_params(full_run[0], abstract)  # trained weights: no init compile
     batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
@@ -283,7 +286,9 @@ def test_grad_accumulation_matches_full_batch(full_run, caches):
     (m1, p1), (m4, p4) = out
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+    # Adam's first step moves a weight by ~lr * g / (|g| + eps): where g is near eps, summation-order
+    # noise in g shows in the step, so weights are compared within a few % of lr (3e-3).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p4)
 
 
 def test_grad_accumulation_with_tag_heads_matches_full_batch(caches):
@@ -294,8 +299,8 @@ def test_grad_accumulation_with_tag_heads_matches_full_batch(caches):
     from lime_jax.data import loader
     from lime_jax.model import Decoder, ModelConfig
 
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32", metadata=(("pos", 52),),
-                      tag_heads=(("pos", 52, 1, 0.7), ("ner", 39, 2, 1.3)))
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32", metadata=(("pos", 53),),
+                      tag_heads=(("pos", 53, 1, 0.7), ("ner", 40, 2, 1.3)))
     graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1,
                                            tags=("pos",), heads=[("pos", 1), ("ner", 2)])))
@@ -358,7 +363,7 @@ def test_metadata_dropout_masks_whole_positions_reproducibly():
     shape = (64, 128)
     rng = np.random.default_rng(0)
     batch = {"decoder_input_tokens": rng.integers(2, 50, shape), "decoder_target_tokens": rng.integers(2, 50, shape),
-             "decoder_input_pos": rng.integers(1, 52, shape), "decoder_input_ner": rng.integers(1, 39, shape)}
+             "decoder_input_pos": rng.integers(1, 53, shape), "decoder_input_ner": rng.integers(1, 40, shape)}
     key = jax.random.key_data(jax.random.key(0))
     assert step_lib.drop_metadata(batch, key, 3, 0.0) is batch
     out = {k: np.asarray(v) for k, v in step_lib.drop_metadata(batch, key, 3, 0.25).items()}
@@ -381,7 +386,7 @@ def test_metadata_dropout_step_trains_on_the_masked_batch(full_run, caches):
     from lime_jax.model import ModelConfig, abstract_model
 
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, d_ff=64, dtype="float32",
-                      metadata=(("pos", 52), ("ner", 39)))
+                      metadata=(("pos", 53), ("ner", 40)))
     graphdef, abstract = abstract_model(cfg)
     params, _ = ckpt_lib.restore_params(full_run[0], abstract)
     batch = next(iter(loader.build_dataset(caches[0], seq_len=32, batch_size=8, shard_index=0, shard_count=1)))
@@ -421,4 +426,4 @@ def test_tag_heads_train_log_and_evaluate(caches, tmp_path):
 def test_a_head_that_would_see_its_target_is_a_config_error(caches, tmp_path):
     with pytest.raises(ConfigError, match="would see the tags they predict"):
         train_lib.train(["runs/lime_plus1.gin"], _bindings(
-            str(tmp_path / "leaky"), caches, **{"ModelConfig.tag_heads": '(("pos", 52, 1, 1.0),)'}))
+            str(tmp_path / "leaky"), caches, **{"ModelConfig.tag_heads": '(("pos", 53, 1, 1.0),)'}))

@@ -40,10 +40,16 @@ def settings(paths: Sequence[str], spec: ProcessorSpec, *, docs_per_shard: int, 
 
 def finished_cache(out: str, settings: dict, overwrite: bool) -> dict | None:
     """The manifest of a verified cache in `out` built with `settings` (a re-run is a no-op);
-    None if there is none. A cache built with other settings is an error unless `overwrite`."""
+    None if there is none. A cache built with other settings or in an older format is an error
+    unless `overwrite`."""
     if not os.path.exists(os.path.join(out, cache_lib.MANIFEST_NAME)):
         return None
-    manifest = cache_lib.load_manifest(out)
+    try:
+        manifest = cache_lib.load_manifest(out)
+    except cache_lib.CacheFormatError:
+        if overwrite:  # an old-format cache is replaced like one built with other settings
+            return None
+        raise
     if manifest.get("settings") == settings:
         cache_lib.verify_cache(out)
         print(f"{out} is up to date ({manifest['counts']['documents']} documents); nothing to do")

@@ -2,8 +2,8 @@
 
 One document becomes an int32 array of shape [4, L]: `targets` (piece ids), `targets_pos` and
 `targets_ner` (tag ids), and `subword_index` (each piece's place in its word, for cohesion
-analysis; not a model input), EOS last (NONE in the other rows). Tags are stored unshifted;
-LIME+1 shifts them when batches are built.
+analysis; not a model input), EOS last (`eos_column`). Tags are stored unshifted; LIME+1 shifts
+them when batches are built, so its input at a document's last piece carries the EOS tag.
 """
 from __future__ import annotations
 
@@ -16,9 +16,17 @@ from lime_jax.annotation import align
 from lime_jax.annotation.annotator import AnnotatedDoc, Annotator
 from lime_jax.annotation.spm import Tokenizer
 from lime_jax.annotation.vocab import TagVocab
-from lime_jax.ids import EOS_ID, NONE_ID
+from lime_jax.ids import EOS_ID, EOS_TAG_ID, NONE_ID
 
 FEATURES = ("targets", "targets_pos", "targets_ner", "subword_index")
+
+
+def eos_column(features: Sequence[str] = FEATURES) -> np.ndarray:
+    """The ids of the EOS that ends every document, per feature: EOS in `targets`, the EOS tag in
+    each tag feature (`targets_<tag>`), NONE in `subword_index` (EOS has no word, and id 2 there
+    is a word's first piece)."""
+    return np.array([EOS_ID if f == "targets" else EOS_TAG_ID if f.startswith("targets_") else NONE_ID
+                     for f in features], np.int32)
 
 
 @dataclasses.dataclass
@@ -69,7 +77,7 @@ class DocumentProcessor:
         out[0, :-1] = ids
         out[1, :-1], out[2, :-1] = tags
         out[3, :-1] = align.subword_index(word)
-        out[:, -1] = (EOS_ID, NONE_ID, NONE_ID, NONE_ID)
+        out[:, -1] = eos_column()
         return out
 
     def process(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], Stats]:

@@ -6,7 +6,7 @@
 Every arm of a comparison then reads one token stream (identical batches for a seed), and only
 the tag rows differ: `oracle` (the annotation cache: spaCy over the whole document), `prefix`
 (spaCy over the text up to and including each piece) or `tagger:DIR` (the causal tagger).
-`subword_index` and EOS (NONE) are kept. With `window`, documents are tagged in consecutive
+`subword_index` and EOS (tag EOS) are kept. With `window`, documents are tagged in consecutive
 windows of that many pieces and tags see only their own window (the prefix source's cost is
 quadratic in the window). The manifest names the source (`tag_source`) and the cache it came
 from, and a re-run with the same settings is a no-op.
@@ -46,7 +46,7 @@ def _tag_in_worker(windows: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _windows(doc_FxL: np.ndarray, window: int | None) -> list[tuple[int, int]]:
-    n = doc_FxL.shape[1] - 1  # EOS keeps its NONE tags
+    n = doc_FxL.shape[1] - 1  # EOS keeps its EOS tags
     size = window or max(n, 1)
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 

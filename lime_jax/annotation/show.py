@@ -7,7 +7,7 @@ from lime_jax.annotation import tag_sources
 from lime_jax.annotation.pipeline import DocumentProcessor
 from lime_jax.annotation.tag_sources import ORACLE, TagSource
 from lime_jax.data.packing import shift_tags
-from lime_jax.ids import NONE_ID
+from lime_jax.ids import EOS_TAG_ID
 
 PLUS_ONE_HONEST_NOTE = (
     "LIME+1: each piece shows the tags of the piece after it. From {source} those are computed from "
@@ -20,14 +20,14 @@ def show(text: str, processor: DocumentProcessor, plus_one: bool = False, source
     """`pieces`, `ids`, `pos`, `ner` (equal-length lists, EOS last) and `tag_source`.
 
     The pieces are the training pipeline's; `oracle` tags are its own alignment, other sources tag
-    those pieces (EOS gets NONE). `tagger` is the loaded tagger of a `tagger:DIR` source.
+    those pieces (EOS gets tag EOS). `tagger` is the loaded tagger of a `tagger:DIR` source.
     """
     features = processor.align(text, processor.annotator.annotate([text])[0])
     ids, pos, ner = features[:3]
     if source.honest:
         tags_of = tag_sources.tag_function(source, processor.tokenizer, processor.annotator, tagger=tagger)
         tags = np.asarray(tags_of([ids[:-1].tolist()])[0])
-        pos, ner = (np.append(row, NONE_ID) for row in tags)
+        pos, ner = (np.append(row, EOS_TAG_ID) for row in tags)
     if plus_one:
         pos, ner = shift_tags(np.stack([pos, ner]), 1)
     rows = {

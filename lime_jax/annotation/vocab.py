@@ -1,10 +1,11 @@
 """Tag vocabularies with stable, reserved ids.
 
 Every integer feature reserves 0 for PAD (SeqIO packing treats 0 as padding). Tag vocabularies
-also reserve 1 for NONE: positions with no word (BOS, EOS, whitespace-only pieces, the last
-LIME+1 position). NONE doubles as the tag streams' EOS id, so EOS keeps the streams aligned.
-Labels follow from id 2 in a fixed order, and the vocabulary is saved next to the data it
-describes so that a different spaCy model cannot silently remap ids.
+also reserve 1 for NONE: positions with no word (BOS, whitespace-only pieces, outside a
+segment), and 2 for EOS: the EOS piece that ends a document, so the tag streams stay aligned
+with `targets` and a LIME+1 guide can say "stop here" (lime_jax.ids). Labels follow from id 3
+in a fixed order, and the vocabulary is saved next to the data it describes so that a
+different spaCy model cannot silently remap ids.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from lime_jax.ids import NONE_ID, NUM_RESERVED_TAGS, PAD_ID
+from lime_jax.ids import EOS_TAG_ID, NONE_ID, NUM_RESERVED_TAGS, PAD_ID
 
 PAD = "<pad>"
 NONE = "<none>"
+EOS = "<eos>"
+RESERVED = (PAD, NONE, EOS)  # tokens of ids PAD_ID, NONE_ID, EOS_TAG_ID
 NUM_RESERVED = NUM_RESERVED_TAGS
 
 # spaCy's OntoNotes entity types (en_core_web_* pipelines).
@@ -35,7 +38,7 @@ class UnknownTagError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TagVocab:
-    """An ordered tag set: id 0 = PAD, 1 = NONE, labels from 2."""
+    """An ordered tag set: id 0 = PAD, 1 = NONE, 2 = EOS, labels from 3."""
 
     name: str
     labels: tuple[str, ...]
@@ -43,8 +46,9 @@ class TagVocab:
     def __post_init__(self):
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"vocabulary {self.name!r} has duplicate labels")
-        if PAD in self.labels or NONE in self.labels:
-            raise ValueError(f"vocabulary {self.name!r} must not list the reserved {PAD}/{NONE}")
+        reserved = [t for t in self.labels if t in RESERVED]
+        if reserved:
+            raise ValueError(f"vocabulary {self.name!r} must not list the reserved {reserved}")
         object.__setattr__(self, "_ids", {t: i + NUM_RESERVED for i, t in enumerate(self.labels)})
 
     @property
@@ -53,7 +57,7 @@ class TagVocab:
 
     @property
     def tokens(self) -> tuple[str, ...]:
-        return (PAD, NONE) + self.labels
+        return RESERVED + self.labels
 
     def id(self, tag: str) -> int:
         try:
@@ -73,7 +77,8 @@ class TagVocab:
         return self.tokens[i]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "pad_id": PAD_ID, "none_id": NONE_ID, "tokens": list(self.tokens)}
+        return {"name": self.name, "pad_id": PAD_ID, "none_id": NONE_ID, "eos_id": EOS_TAG_ID,
+                "tokens": list(self.tokens)}
 
     @classmethod
     def from_json(cls, obj: dict, source: str = "<json>") -> "TagVocab":
@@ -82,8 +87,12 @@ class TagVocab:
             name = obj["name"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: not a tag vocabulary (missing field {e})") from None
-        if tokens[:NUM_RESERVED] != [PAD, NONE]:
-            raise ValueError(f"{source}: field 'tokens' must start with {PAD!r}, {NONE!r}")
+        if tokens[:NUM_RESERVED] != list(RESERVED):
+            # Before cache format v2 labels started at id 2, where EOS now is.
+            old = (" (written before EOS had its own tag id: rebuild the cache with `lime-jax annotate`, "
+                   "retrain a tagger)" if tokens[:2] == [PAD, NONE] else "")
+            raise ValueError(f"{source}: field 'tokens' must start with {', '.join(map(repr, RESERVED))}, "
+                             f"got {tokens[:NUM_RESERVED]}{old}")
         return cls(name, tuple(tokens[NUM_RESERVED:]))
 
     def save(self, path: str | os.PathLike) -> None:

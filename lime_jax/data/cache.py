@@ -16,9 +16,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from array_record.python import array_record_module
 
+from lime_jax import corpus
 from lime_jax.hashing import sha256_file
 
-FORMAT = "lime_jax.cache.v1"
+# The manifest's "format" field. Bump the version when the meaning of stored ids changes, so
+# old caches are refused (with how to rebuild them) instead of read with the wrong meaning.
+FORMAT_VERSION = 2
+FORMAT = f"lime_jax.cache.v{FORMAT_VERSION}"
+FORMAT_CHANGE = "tag id 2 is EOS, the tag of each document's EOS piece; labels start at 3"  # from v1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_FEATURES = ("targets", "targets_pos", "targets_ner")
 SHARD_PATTERN = "shard-%05d.array_record"
@@ -31,6 +36,10 @@ READER_OPTIONS = "readahead_buffer_size:0"
 
 class CacheError(ValueError):
     """A cache directory, manifest or shard is missing, malformed or inconsistent."""
+
+
+class CacheFormatError(CacheError):
+    """A cache written in another format version than this code reads: rebuild it."""
 
 
 def shard_name(shard_index: int) -> str:
@@ -97,12 +106,54 @@ def write_manifest(out_dir: str, manifest: Mapping) -> None:
     os.replace(tmp, path)
 
 
+def rebuild_command(out_dir: str, manifest: Mapping) -> str:
+    """How to rebuild the cache in `out_dir` in the current format, from what its manifest
+    records. An annotated cache is moved aside first: its copy of the SentencePiece model is an
+    input."""
+    settings = manifest.get("settings") or {}
+
+    def flags(values: Mapping) -> str:
+        return "".join(f" --{k} {v}" for k, v in values.items() if v is not None)
+
+    if "retag" in settings:  # written by `annotate --from-cache`
+        src = manifest.get("retagged_from", {}).get("path", "SOURCE_CACHE")
+        tags = manifest.get("tag_source", "SOURCE")
+        tagger = " (and retrain the tagger with `lime-jax tagger train` on a rebuilt cache)"
+        return (f"rebuild {src} first{tagger if tags.startswith('tagger:') else ''}, then: lime-jax annotate "
+                f"--from-cache {src} --tags {tags} --out {out_dir} --overwrite"
+                + flags({"window": settings["retag"].get("window"), "max-docs": settings["retag"].get("max_docs")}))
+    if "inputs" not in settings:  # not written by `lime-jax annotate` (e.g. cache.write_cache)
+        return f"lime-jax annotate --input INPUT --spm SPM_MODEL --out {out_dir} --overwrite"
+    bundled = {p.name: f"bundled:{split}" for split, p in corpus.BUNDLED.items()}
+    names = [i["name"] for i in settings["inputs"]]
+    old = f"{out_dir.rstrip(os.sep)}.old"
+    cmd = (f"mv {out_dir} {old} && lime-jax annotate --input {' '.join(bundled.get(n, n) for n in names)} "
+           f"--spm {os.path.join(old, manifest.get('spm_model', 'spm.model'))} --out {out_dir}"
+           + flags({"tokenization": settings.get("tokenization"), "ner-scheme": settings.get("ner_scheme"),
+                    "spacy-model": settings.get("spacy_model"), "docs-per-shard": settings.get("docs_per_shard"),
+                    "max-docs": settings.get("max_docs"), "utf8-errors": settings.get("utf8_errors")}))
+    if not all(n in bundled for n in names):
+        cmd += " (the manifest records the inputs' file names only: give their paths)"
+    return cmd
+
+
+def _check_format(manifest: Mapping, path: str) -> None:
+    """Raises CacheFormatError, saying how to rebuild the cache, unless `manifest` (read from
+    `path`) is of format FORMAT: every reader goes through here (`load_manifest`)."""
+    found = manifest.get("format")
+    if found == FORMAT:
+        return
+    out_dir = os.path.dirname(path) or "."
+    raise CacheFormatError(
+        f"{path}: field 'format': the cache in {out_dir} has format {found!r}, this lime_jax reads "
+        f"{FORMAT!r} ({FORMAT_CHANGE}); rebuild it: {rebuild_command(out_dir, manifest)}")
+
+
 def _validate_manifest(manifest: dict, path: str) -> dict:
     def fail(field: str, msg: str):
         raise CacheError(f"{path}: field {field!r}: {msg}")
 
-    if manifest.get("format") != FORMAT:
-        fail("format", f"expected {FORMAT!r}, got {manifest.get('format')!r}")
+    _check_format(manifest, path)
     features = manifest.get("features")
     if (not isinstance(features, list) or not features
             or not all(isinstance(f, str) and f for f in features)

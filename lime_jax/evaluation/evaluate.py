@@ -50,7 +50,7 @@ from lime_jax.annotation.retag import retag_documents
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import packing
 from lime_jax.features import head_id
-from lime_jax.ids import NONE_ID, PAD_ID
+from lime_jax.ids import PAD_ID
 
 TASKS = ("heldout", "lambada", "addition", "reasoning")
 RESULTS_NAME = "eval_results.json"
@@ -449,13 +449,15 @@ def eval_reasoning(loaded, scorer: Scorer, n: int, tag_fn=None, inc=None) -> dic
 def _lime_plus1_answer_tags(row: dict, names, tags_KxN: np.ndarray, n_answer: int, mode: str,
                             gold_tags: np.ndarray) -> None:
     """LIME+1 metadata of a scored prompt + answer row: the answer's pieces carry the gold
-    answer's tags (guided; NONE past the gold's length) or PAD, no metadata (unguided)."""
+    answer's oracle guide (guided: its tags, then EOS, then PAD, as in generation) or PAD, no
+    metadata (unguided)."""
+    from lime_jax.inference.generate import oracle_guide
+
     tags_KxN = tags_KxN.copy()
     fill = np.full((len(names), n_answer), PAD_ID, np.int32)
     if mode == "guided":
-        fill[:] = NONE_ID
-        m = min(n_answer, gold_tags.shape[1])
-        fill[:, :m] = gold_tags[:, :m]
+        guide = oracle_guide(gold_tags)[:, :n_answer]
+        fill[:, :guide.shape[1]] = guide
     tags_KxN[:, tags_KxN.shape[1] - n_answer:] = fill
     shifted = packing.input_tags(tags_KxN, 1)
     for k, name in enumerate(names):

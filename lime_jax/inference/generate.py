@@ -6,21 +6,22 @@ Where the tags of the generated tokens come from depends on the run's metadata s
   supplies them ("metadata guidance"):
     `--guide` lists the tags of the tokens to come, one entry per token: `CD CD .`, entries
       `POS` or `POS/NER` (`NNP/B-PERSON`); NER defaults to `O`; `NONE` is the tag of a piece
-      without a word (whitespace, end of text); `-` leaves a step to the model: its own forecast
-      when the run has tag heads (gin/runs/lime_plus1_self.gin), else PAD (unguided).
+      without a word (whitespace only); `EOS` (or `<eos>`) is the tag of the EOS that ends the
+      text: "stop here"; `-` leaves a step to the model: its own forecast when the run has tag
+      heads (gin/runs/lime_plus1_self.gin), else PAD (unguided).
       Or JSON: `[{"pos": "CD", "ner": "B-CARDINAL"}, ...]` or `{"pos": [...], "ner": [...]}`.
       Entries are per SentencePiece token: a piece of whitespace only (a lone "▁", e.g. before
       digits, " 42" -> "▁" "4" "2") is a step of its own with tag NONE (`NONE CD CD`).
     `--guide-from TEXT` annotates prompt + TEXT with the training pipeline and uses the tags of
-      TEXT's tokens, then NONE, the tag of the EOS that ends TEXT (oracle guidance, as in the
+      TEXT's tokens, then EOS, the tag of the EOS that ends TEXT (oracle guidance, as in the
       paper). TEXT is appended to the prompt as given (start it with a space where one belongs).
   `--tags self`: no guide, every tag (the prompt's too) is the model's forecast (no spaCy).
   Length: without `--max-new`, a guided run generates len(guide) + 1 tokens (room for EOS; with
   `--guide-from`, len(TEXT's tokens) + 1, the oracle's end-of-text step). A guide shorter than
   `--max-new` guides the first steps and then continues as `-` steps. An unguided step gets tag
   id 0 (PAD), which adds nothing to the embedding: the model predicts from the tokens alone
-  (not NONE, which would tell it the text ends). A guide longer than `--max-new` is an error.
-  Without a guide every step is a `-` step.
+  (not NONE, the tag of a whitespace-only piece, nor EOS, which tells it the text ends). A
+  guide longer than `--max-new` is an error. Without a guide every step is a `-` step.
 - LIME (shift 0) and the previous-piece arm (shift -1): `--tags prefix` (default) tags the
   prompt by spaCy over each of its prefixes and every generated token by re-annotating the
   decoded text after each step; `--tags tagger:DIR` uses the causal tagger for both (no spaCy);
@@ -40,13 +41,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from lime_jax.annotation.vocab import TagVocab, UnknownTagError
-from lime_jax.ids import EOS_ID, NONE_ID, PAD_ID
+from lime_jax.ids import EOS_ID, EOS_TAG_ID, NONE_ID, PAD_ID
 
 # A guide entry left to the model: its forecast (`self_tags`), or PAD (no metadata) when the
 # model has no tag head for it. Never fed to the model as an id.
 FORECAST_ID = -1
 # Guide entries that stand for a whole step (every tag type), not a tag name.
-STEP_TAGS = {"NONE": NONE_ID, "<none>": NONE_ID, "-": FORECAST_ID}
+STEP_TAGS = {"NONE": NONE_ID, "<none>": NONE_ID, "EOS": EOS_TAG_ID, "<eos>": EOS_TAG_ID, "-": FORECAST_ID}
 
 
 class GuideError(ValueError):
@@ -102,9 +103,9 @@ def parse_guide(text: str, vocabs: dict[str, TagVocab], names: Sequence[str]) ->
 
 
 def oracle_guide(continuation_KxG: np.ndarray) -> np.ndarray:
-    """The oracle guide of a reference continuation: its tokens' tags, then NONE, the tag of the
+    """The oracle guide of a reference continuation: its tokens' tags, then EOS, the tag of the
     EOS that ends it (a guided model learns to stop there, as on every training document)."""
-    end_Kx1 = np.full((continuation_KxG.shape[0], 1), NONE_ID, np.int32)
+    end_Kx1 = np.full((continuation_KxG.shape[0], 1), EOS_TAG_ID, np.int32)
     return np.concatenate([continuation_KxG, end_Kx1], axis=1)
 
 

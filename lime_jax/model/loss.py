@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lime_jax.model import sharding
-from lime_jax.ids import PAD_ID
 from lime_jax.features import head_id, target_feature
+from lime_jax.ids import NONE_ID, NUM_RESERVED_TAGS, PAD_ID
+from lime_jax.model import sharding
 from lime_jax.model.config import ModelConfig
 from lime_jax.model.embed import check_ids
 
@@ -169,7 +169,7 @@ def synthetic_batch(cfg: ModelConfig, batch_size: int, length: int, seed: int = 
     """A random packed batch in the loader's format (for tests and benchmarks).
 
     Each row holds `docs_per_row` documents then padding: segment ids 1.., positions
-    restarting at 0, BOS (0) input at each segment start, tags NONE (1) there, and all
+    restarting at 0, BOS (0) input at each segment start, tags NONE there, and all
     features 0 on padding. Row 0 has no padding so full-length rows are covered too.
     """
     rng = np.random.default_rng(seed)
@@ -190,11 +190,12 @@ def synthetic_batch(cfg: ModelConfig, batch_size: int, length: int, seed: int = 
             batch["decoder_loss_weights"][b, start:end] = 1
             for name, size in cfg.metadata:
                 tags = batch[METADATA_PREFIX + name]
-                tags[b, start:end] = rng.integers(2, size, n)
-                tags[b, start] = 1  # NONE on the BOS input
+                tags[b, start:end] = rng.integers(NUM_RESERVED_TAGS, size, n)  # labels
+                tags[b, start] = NONE_ID  # on the BOS input
             for name, size, ahead, _ in cfg.tag_heads:
                 # Position i's target is token i+ahead's tag: PAD (no target) at BOS and past the end.
                 i_N = np.arange(n)
                 real_N = (i_N + ahead >= 1) & (i_N + ahead <= n)
-                batch[target_feature(name, ahead)][b, start:end] = np.where(real_N, rng.integers(2, size, n), 0)
+                batch[target_feature(name, ahead)][b, start:end] = np.where(
+                    real_N, rng.integers(NUM_RESERVED_TAGS, size, n), PAD_ID)
     return batch

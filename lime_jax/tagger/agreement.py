@@ -1,6 +1,6 @@
 """Agreement of the causal tagger with the cache's (spaCy, whole-document) oracle tags.
 
-Counted over every piece of every document, EOS excluded (its NONE tag is fixed by the cache
+Counted over every piece of every document, EOS excluded (its EOS tag is fixed by the cache
 format, not predicted). With a `subword_index` row the pieces are also split by their place in
 the word. Before a word's last piece the tagger has not seen the rest of the word ("▁g u est s"
 is NNS, which only the final "s" tells), nor the words after it, which spaCy used: that is the

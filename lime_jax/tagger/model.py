@@ -28,7 +28,7 @@ class TaggerModel(nnx.Module):
     logits.
 
     `cfg` shapes the trunk (its `metadata` must be empty: the tagger reads pieces only);
-    `tag_sizes` maps each of TAGS to its vocabulary size (PAD and NONE included).
+    `tag_sizes` maps each of TAGS to its vocabulary size (reserved ids included).
     """
 
     def __init__(self, cfg: ModelConfig, tag_sizes: dict[str, int], *, rngs: nnx.Rngs):
