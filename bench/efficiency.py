@@ -297,9 +297,14 @@ def main(argv: list[str] | None = None) -> int:
           f"gain_share_prefix={fmt(prefix.get('gain_share'))} gain_share_tagger={fmt(tagger.get('gain_share'))} "
           f"aux_acc={fmt(arms['aux']['final_accuracy'])} "
           f"plus1_self_acc={fmt(honest['arms']['lime+1+heads (self)']['mean'])} "
-          f"best_honest_arm={best.replace(' ', '_')} "
+          f"best_honest_arm={_slug(best)} "
           f"best_honest_tokens_to_baseline_acc={fmt(honest['arms'][best]['tokens_to_baseline_acc'])}")
     return 0
+
+
+def _slug(label: str) -> str:
+    """`lime (oracle, eval prefix)` -> `lime_oracle_eval_prefix`: one token for the last line."""
+    return "_".join(label.replace("(", " ").replace(")", " ").replace(",", " ").split())
 
 
 # run dir prefix -> (arm, results file (its eval tags), honest): the figures of the honest
