@@ -9,9 +9,15 @@ the training cache, then on the held-out text measures:
   POS and NER separately, also split by the piece's place in its word;
 - pieces/s of spaCy annotation (the annotate command's DocumentProcessor: spaCy, SentencePiece,
   alignment; one process) against the tagger's `tag()` over the same pieces (after one warm-up
-  call; JAX uses every core). Each side runs --rounds times, alternating; the best counts.
+  call; JAX uses every core). Each side runs --rounds times, alternating; the best counts;
+- the honest reference: agreement of the `prefix` tag source (spaCy over the text up to and
+  including each piece: what re-annotation at generation time gives) on the first
+  --prefix-docs held-out documents (20: 3221 pieces; spaCy runs once per piece, O(n^2)), cached
+  with `annotate --from-cache --tags prefix`, next to the tagger's on the same pieces. Before a
+  word's last piece neither has seen the whole word, nor either the words after it.
 Nothing is tuned on the held-out text.
 Last line: tagger_pos_agreement=<n> tagger_ner_agreement=<n> tagger_speedup=<n>
+           prefix_pos_agreement=<n> prefix_ner_agreement=<n>
 """
 from __future__ import annotations
 
@@ -27,8 +33,10 @@ import jax
 from lime_jax import corpus
 from lime_jax.annotation.annotator import SpacyAnnotator
 from lime_jax.annotation.pipeline import DocumentProcessor
+from lime_jax.data import cache as cache_lib
 from lime_jax.tagger import agreement
 from lime_jax.tagger.infer import CausalTagger
+from lime_jax.tagger.model import TAGS
 from lime_jax.tagger.train import TaggerTrainConfig, train_tagger
 
 
@@ -39,19 +47,22 @@ def lime_jax(*argv: str) -> None:
 
 
 def spread_sample(out_path: str, n: int) -> str:
-    """Writes every k-th bundled:train document (k = total // n; n in all) as JSONL."""
+    """Writes n bundled:train documents evenly spaced over the whole split (documents k * total // n)
+    as JSONL. (Every (total // n)-th, cut at n, left the split's last years out.)"""
     docs = list(corpus.iter_documents(corpus.BUNDLED["train"]))
-    step = max(len(docs) // n, 1)
+    n = min(n, len(docs))
     with open(out_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs[::step][:n])
+        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in (docs[k * len(docs) // n] for k in range(n)))
     return out_path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/bench_tagger")
-    parser.add_argument("--train-docs", type=int, default=1000)
+    parser.add_argument("--train-docs", type=int, default=8000)
     parser.add_argument("--heldout-docs", type=int, default=100)
+    parser.add_argument("--prefix-docs", type=int, default=20,
+                        help="first held-out documents tagged by the prefix source (the honest reference)")
     parser.add_argument("--spm-docs", type=int, default=6000)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=TaggerTrainConfig.steps)
@@ -74,6 +85,9 @@ def main() -> int:
              "--spm", spm_model, "--out", caches["train"], "--workers", str(args.workers))
     lime_jax("annotate", "--input", "bundled:heldout", "--spm", spm_model, "--out", caches["heldout"],
              "--workers", str(args.workers), "--max-docs", str(args.heldout_docs))
+    prefix_cache = f"{caches['heldout']}_prefix_{args.prefix_docs}"
+    lime_jax("annotate", "--from-cache", caches["heldout"], "--tags", "prefix", "--out", prefix_cache,
+             "--max-docs", str(args.prefix_docs), "--workers", str(args.workers))
 
     tc = TaggerTrainConfig(steps=args.steps)
     meta = train_tagger(caches["train"], os.path.join(w, "tagger"), tc, overwrite=True)
@@ -102,14 +116,26 @@ def main() -> int:
         raise RuntimeError(f"spaCy made {spacy_pieces} pieces of the held-out text, the cache holds "
                            f"{pieces}: not the same pipeline or text")
     res = agreement.score(manifest["features"], docs, tags)
+    n_ref = args.prefix_docs
+    rows = [manifest["features"].index(f"targets_{t}") for t in TAGS]
+    prefix_docs, _ = cache_lib.read_documents(prefix_cache)
+    ref = {"prefix": agreement.score(manifest["features"], docs[:n_ref], [d[rows] for d in prefix_docs]),
+           "tagger": agreement.score(manifest["features"], docs[:n_ref], tags[:n_ref])}
+    print(f"agreement (pos/ner) by the piece's place in its word: tagger on all {len(docs)} held-out documents;"
+          f" tagger and prefix spaCy on the first {n_ref}")
+    for place in ("all", "first_piece", "later_piece", "word_last_piece"):
+        cols = [r if place == "all" else r[place] for r in (res, ref["tagger"], ref["prefix"])]
+        print(f"  {place:16s}" + "".join(f" {c['pieces']:6d} pieces {c['pos_agreement']:.4f}/{c['ner_agreement']:.4f}"
+                                         for c in cols))
     spacy_pps, tagger_pps = pieces / min(spacy_s), pieces / min(tagger_s)
-    print(json.dumps({"heldout": res, "documents": len(docs), "pieces_incl_eos": pieces,
+    print(json.dumps({"heldout": res, f"first_{n_ref}_heldout": ref, "documents": len(docs), "pieces_incl_eos": pieces,
                       "spacy_seconds": spacy_s, "tagger_seconds": tagger_s,
                       "spacy_pieces_per_s": round(spacy_pps), "tagger_pieces_per_s": round(tagger_pps),
                       "train": meta["train"], "model": meta["model"], "devices": [str(d) for d in jax.devices()],
                       "bench_seconds": round(time.time() - t_start, 1)}, indent=1, default=str))
     print(f"tagger_pos_agreement={res['pos_agreement']:.4f} tagger_ner_agreement={res['ner_agreement']:.4f} "
-          f"tagger_speedup={tagger_pps / spacy_pps:.2f}")
+          f"tagger_speedup={tagger_pps / spacy_pps:.2f} prefix_pos_agreement={ref['prefix']['pos_agreement']:.4f} "
+          f"prefix_ner_agreement={ref['prefix']['ner_agreement']:.4f}")
     return 0
 
 
