@@ -4,9 +4,9 @@
 
 On the bundled corpus (or the text corpus given: .txt one document per line, or .jsonl with a
 `text` field; its last `--heldout-docs` documents are held out), builds SentencePiece and the
-annotated (oracle) caches once, distils the causal tagger (`lime-jax tagger train`) from 3000
-training documents spread over the training split, re-tags caches with honest sources
-(`lime-jax annotate --from-cache`: same pieces, other tags), then trains at the quickstart size (gin/runs/quickstart.gin) per seed:
+annotated (oracle) caches once, distils the causal tagger (`lime-jax tagger train`, its
+defaults) from 8000 training documents spread evenly over the training split, re-tags caches
+with honest sources (`lime-jax annotate --from-cache`: same pieces, other tags), then trains at the quickstart size (gin/runs/quickstart.gin) per seed:
 - `baseline`: no metadata tables;
 - `lime`: trained on oracle tags (spaCy over whole documents, the paper's recipe) and evaluated
   on the held-out text three ways: oracle tags -> `lime (oracle)`; prefix tags (spaCy over the
@@ -105,7 +105,8 @@ def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: in
     if not os.path.exists(spread):
         texts = [t for _, t in iter_input_documents([inputs["train"]])]
         with open(spread, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[::max(len(texts) // tagger_docs, 1)][:tagger_docs])
+            n = min(tagger_docs, len(texts))  # documents k * total // n: evenly over the whole split
+            f.writelines(json.dumps({"text": texts[k * len(texts) // n]}) + "\n" for k in range(n))
     inputs["tagger_train"] = spread
     caches = {}
     for split, max_docs in (("train", train_docs), ("heldout", heldout_docs), ("tagger_train", tagger_docs)):
@@ -123,19 +124,22 @@ def build_caches(out: str, corpus: str | None, train_docs: int, heldout_docs: in
 
 def honest_caches(out: str, caches: dict[str, str], workers: int) -> dict[str, str]:
     """The causal tagger distilled from its training cache, and the caches re-tagged by it and by
-    the prefix source (each stage reused when complete; a tagger trained on another cache is
-    retrained, and the caches it tagged are re-tagged)."""
+    the prefix source (each stage reused when complete; a tagger trained on another cache or with
+    other settings is retrained, and the caches it tagged are re-tagged)."""
+    import dataclasses
+
     from lime_jax.annotation import retag, tag_sources
     from lime_jax.tagger.infer import CausalTagger
-    from lime_jax.tagger.train import train_tagger
+    from lime_jax.tagger.train import TaggerTrainConfig, train_tagger
 
     tagger_dir = os.path.join(out, "tagger")
     meta_path = os.path.join(tagger_dir, "tagger.json")
-    trained_on = None
+    trained = None
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
-            trained_on = json.load(f)["train"]["cache"]
-    if trained_on != os.path.abspath(caches["tagger_train"]):
+            trained = json.load(f)["train"]
+    wanted = {"cache": os.path.abspath(caches["tagger_train"]), "config": dataclasses.asdict(TaggerTrainConfig())}
+    if trained is None or any(trained.get(k) != v for k, v in wanted.items()):
         t0 = time.time()
         train_tagger(os.path.abspath(caches["tagger_train"]), tagger_dir, overwrite=True)
         print(f"tagger: trained in {time.time() - t0:.0f} s ({tagger_dir})", flush=True)
@@ -146,6 +150,10 @@ def honest_caches(out: str, caches: dict[str, str], workers: int) -> dict[str, s
     out_caches = dict(caches)
     for name, (src, source, window) in jobs.items():
         out_caches[name] = os.path.join(out, "cache", name)
+        done = os.path.join(out_caches[name], "manifest.json")
+        inputs = [os.path.join(src, "manifest.json")] + ([meta_path] if source.kind == "tagger" else [])
+        if os.path.exists(done) and os.path.getmtime(done) > max(map(os.path.getmtime, inputs)):
+            continue  # re-tagged after its source cache and tagger were last written
         t0 = time.time()
         m = retag.retag_cache(src, out_caches[name], source, tagger=tagger if source.kind == "tagger" else None,
                               window=window, workers=workers, overwrite=True)
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-docs", dest="train_docs", type=int, default=4000)
     p.add_argument("--heldout-docs", dest="heldout_docs", type=int, default=200)
     p.add_argument("--spm-docs", dest="spm_docs", type=int, default=6000)
-    p.add_argument("--tagger-docs", dest="tagger_docs", type=int, default=3000,
+    p.add_argument("--tagger-docs", dest="tagger_docs", type=int, default=8000,
                    help="training documents the causal tagger learns from, spread over the training split")
     p.add_argument("--workers", type=int, default=2, help="annotation processes")
     args = p.parse_args(argv)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from lime_jax.tagger.train import train_tagger
     from lime_jax.trainer import train
 
-    caches = efficiency.build_caches(args.cache_root, None, 4000, 200, 6000, 3000, args.workers)
+    caches = efficiency.build_caches(args.cache_root, None, 4000, 200, 6000, 8000, args.workers)
     tagger_dir = os.path.join(args.cache_root, "tagger")
     if not os.path.exists(os.path.join(tagger_dir, "tagger.json")):
         train_tagger(os.path.abspath(caches["tagger_train"]), tagger_dir, overwrite=True)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--addition-n", dest="addition_n", type=int, default=150, help="test problems (3 digit counts)")
     p.add_argument("--train-docs", dest="train_docs", type=int, default=4000)
     p.add_argument("--heldout-docs", dest="heldout_docs", type=int, default=200)
-    p.add_argument("--tagger-docs", dest="tagger_docs", type=int, default=3000,
+    p.add_argument("--tagger-docs", dest="tagger_docs", type=int, default=8000,
                    help="as in bench/efficiency.py, whose caches this shares")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -314,7 +314,8 @@ def test_grad_accumulation_with_tag_heads_matches_full_batch(caches):
     (s1, m1), (s4, m4) = out
     for key in ("loss", "total_loss", "grad_norm", "pos_ahead1/loss", "ner_ahead2/accuracy"):
         assert m1[key] == pytest.approx(m4[key], rel=1e-4), key
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1.params, s4.params)
+    # As above: Adam normalises a near-zero gradient, so weights are compared within 3% of lr.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), s1.params, s4.params)
 
 
 @pytest.mark.slow
