@@ -158,6 +158,8 @@ class Scorer:
     def score_with_heads(self, rows: Sequence[dict], length: int):
         """`score` plus, per row, {head id: hits [m]} of each tag head against the row's
         `head:<id>` targets (PAD targets excluded)."""
+        from lime_jax.inference.self_tags import head_hits
+
         keys = ("tokens", "targets", "segments", "positions", *self.names)
         for start in range(0, len(rows), self.rows):
             chunk = rows[start:start + self.rows]
@@ -169,12 +171,7 @@ class Scorer:
             nll, hits, heads = np.asarray(nll), np.asarray(hits), {h: np.asarray(v) for h, v in heads.items()}
             for r, row in enumerate(chunk):
                 n = len(row["targets"])
-                head_hits = {}
-                for h, pred in heads.items():
-                    tgt = row.get(f"head:{h}")
-                    if tgt is not None:
-                        head_hits[h] = (pred[r, :n] == tgt)[tgt != PAD_ID]
-                yield nll[r, :n], hits[r, :n], head_hits
+                yield nll[r, :n], hits[r, :n], head_hits({h: v[r, :n] for h, v in heads.items()}, row)
 
 
 def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[str], shift: int,

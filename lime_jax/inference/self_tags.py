@@ -94,12 +94,17 @@ def score_self(inc, shift: int, rows: Sequence[dict], length: int, batch_rows: i
                 predicted[hid][:, j] = tags_KxB[heads.index(hid)]
         for r, row in enumerate(chunk):
             n = len(row["targets"])
-            head_hits = {}
-            for hid, pred in predicted.items():
-                # The forecast made at j is for position j+1's input: compare with the targets
-                # of the head at j (the tags of token t_{j+ahead}).
-                tgt = row.get(f"head:{hid}")
-                if tgt is not None:
-                    keep = tgt[:n] != PAD_ID
-                    head_hits[hid] = (pred[r, :n] == tgt[:n])[keep]
-            yield nll[r, :n], hits[r, :n], fed[:, r, :n], head_hits
+            # The forecast made at j is position j+1's input: the head's target at j.
+            yield nll[r, :n], hits[r, :n], fed[:, r, :n], head_hits({h: p[r, :n] for h, p in predicted.items()}, row)
+
+
+def head_hits(predicted: Mapping[str, np.ndarray], row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{head id: hits} of each head's predictions ([n]) against the row's `head:<id>` targets,
+    positions without a target (PAD) left out."""
+    out = {}
+    for hid, pred_N in predicted.items():
+        tgt_N = row.get(f"head:{hid}")
+        if tgt_N is not None:
+            tgt_N = tgt_N[:len(pred_N)]
+            out[hid] = (pred_N == tgt_N)[tgt_N != PAD_ID]
+    return out
