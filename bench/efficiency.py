@@ -37,6 +37,8 @@ Last line: lime_tokens_to_baseline_acc=<oracle LIME, mean over seeds> seeds=<K>
 baseline_final_acc=<n> lime_final_acc=<n> control_final_acc=<prev-piece> lime_prefix_acc=<n>
 lime_tagger_acc=<n> gain_share_prefix=<n> gain_share_tagger=<n> aux_acc=<n> plus1_self_acc=<n>
 best_honest_arm=<name> best_honest_tokens_to_baseline_acc=<n or nan>
+(the first keys come from the trainer's held-out curves, as before; aux_acc, plus1_self_acc and
+the best honest arm from `lime-jax eval` over every held-out piece, the same for every arm)
 (an honest arm's held-out tags never saw the text after the predicted piece; the best is the one
 with the highest final held-out accuracy by `lime-jax eval`, the same protocol for every arm)
 """
@@ -222,7 +224,7 @@ def write_self_curve(model_dir: str, eval_cache: str, steps: int, every: int) ->
     from lime_jax.inference import model_dir as model_dir_lib
 
     curve = []
-    for step in range(every, steps + 1, every):
+    for step in sorted({*range(every, steps + 1, every), steps}):
         loaded = model_dir_lib.load(model_dir, step=step)
         h = evaluate.evaluate(loaded, ["heldout"], eval_cache_dir=eval_cache)["heldout"]
         curve.append({"step": step, "tokens": step * loaded.run.tokens_per_step, "oracle": h["accuracy"],
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
           f"control_final_acc={fmt(arms['prev-piece (oracle)']['final_accuracy'])} "
           f"lime_prefix_acc={fmt(prefix['final_accuracy'])} lime_tagger_acc={fmt(tagger['final_accuracy'])} "
           f"gain_share_prefix={fmt(prefix.get('gain_share'))} gain_share_tagger={fmt(tagger.get('gain_share'))} "
-          f"aux_acc={fmt(arms['aux']['final_accuracy'])} "
+          f"aux_acc={fmt(honest['arms']['aux']['mean'])} "
           f"plus1_self_acc={fmt(honest['arms']['lime+1+heads (self)']['mean'])} "
           f"best_honest_arm={_slug(best)} "
           f"best_honest_tokens_to_baseline_acc={fmt(honest['arms'][best]['tokens_to_baseline_acc'])}")
@@ -356,11 +358,13 @@ def honest_figures(out: str, seeds: int) -> dict:
     for seed in range(seeds):
         with open(os.path.join(out, f"lime_plus1_self_seed{seed}", SELF_CURVE), encoding="utf-8") as f:
             curve = json.load(f)
-        tokens, _ = report.tokens_to_reach([c["tokens"] for c in curve], [c["self"] for c in curve],
-                                           table["baseline"]["per_seed"][seed])
-        fractions.append(None if tokens is None else tokens / curve[-1]["tokens"])
-    reached = [f for f in fractions if f is not None]
+        tokens, exact = report.tokens_to_reach([c["tokens"] for c in curve], [c["self"] for c in curve],
+                                               table["baseline"]["per_seed"][seed])
+        # Not exact: reached at the first checkpoint already, so the fraction is an upper bound.
+        fractions.append(None if tokens is None else tokens / curve[-1]["tokens"] * (1 if exact else -1))
+    reached = [abs(f) for f in fractions if f is not None]
     table["lime+1+heads (self)"]["tokens_to_baseline_acc"] = sum(reached) / len(reached) if reached else None
+    table["lime+1+heads (self)"]["tokens_to_baseline_acc_per_seed"] = fractions  # negative: an upper bound
     summary = report.summarize([r for seed in range(seeds) for prefix in ("baseline", "lime", "lime_tagger", "aux")
                                 for r in report.load_runs(os.path.join(out, f"{prefix}_seed{seed}"))])
     for label, entry in table.items():

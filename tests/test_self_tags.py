@@ -39,7 +39,7 @@ def _expected_fed(model, heads, shift, head_logits, n):
     return fed
 
 
-@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("shift", [-1, 0, 1])
 def test_self_decoding_is_a_forward_pass_over_its_own_forecasts(shift):
     model = _model(shift)
     heads = self_tags.forecast_heads(model.cfg, shift)
@@ -73,6 +73,14 @@ def test_guide_dashes_are_forecast_and_a_model_without_heads_gets_pad():
                                 max_new=3, guides=[guide], forecast_heads=heads)[0]
     assert dec.tags[:, 0].tolist() == [3, 2] and dec.tags[:, 2].tolist() == [4, 2]
     assert dec.tags[1, 1] == PAD_ID and dec.tags[0, 1] not in (PAD_ID, generate.FORECAST_ID)
+    # A guide that starts with `-` after given prompt tags: the forecast made at the prompt's
+    # next-to-last position (in the one-pass prefill), not PAD.
+    dash_first = generate.decode_batch(inc, 1, [np.array([5, 6, 7], np.int32)], [np.array([[2, 3, 4], [2, 2, 2]], np.int32)],
+                                       max_new=2, guides=[np.array([[generate.FORECAST_ID, 3], [generate.FORECAST_ID, 2]],
+                                                                   np.int32)], forecast_heads=heads)[0]
+    _, head_logits = _full_forward(model, [0, 5, 6, 7], np.array([[2, 3, 4, 0], [2, 2, 2, 0]], np.int32))
+    expected = self_tags.forecast({h: v[None, 2:3] for h, v in head_logits.items()}, heads, 1)[:, 0]
+    assert dash_first.tags[:, 0].tolist() == [int(expected[0]), PAD_ID]
     unheaded = generate.decode_batch(IncrementalDecoder(_model(1, heads_for=())), 1, [np.array([5, 6], np.int32)],
                                      [np.array([[2, 3], [2, 2]], np.int32)], max_new=3, guides=[guide])[0]
     assert unheaded.tags[:, 1].tolist() == [PAD_ID, PAD_ID]

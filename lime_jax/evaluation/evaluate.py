@@ -19,8 +19,8 @@ the tags of answer tokens) and `guided` (oracle tags from annotating prompt + go
 the paper). A run with tag heads that forecast its input tags (model/heads.py) adds `self`:
 every tag, the prompt's too, is the model's own forecast (lime_jax.inference.self_tags), honest
 for any shift. For held-out text and cloze items, tags come from annotating the whole document,
-as in training (LIME+1 cloze: `guided` uses the word's own tags, `unguided` PAD on the positions
-that predict it); held-out text also reports `modes` (`unguided`, `self`) and each tag head's
+as in training (cloze: LIME+1's `guided` uses the word's own tags, `unguided` PAD on the
+positions that predict it); held-out text also reports `modes` (`unguided`, `self`) and each tag head's
 accuracy against the cache's tags (`heads`).
 
 Tag source (`--tags`, lime_jax.annotation.tag_sources), for LIME and the previous-piece arm:
@@ -145,7 +145,7 @@ class Scorer:
             logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
             tgt_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
             return (logz_BxL - tgt_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"],
-                    {h: jnp.argmax(v, axis=-1) for h, v in heads.items()})
+                    {h: jnp.argmax(v[..., 1:], axis=-1) + 1 for h, v in heads.items()})  # PAD: no tag
 
         self._fwd = jax.jit(fwd)
 

@@ -193,14 +193,16 @@ def decode_batch(
             return forecast_of(b, k)
         return unguided
 
-    def remember(head_logits, fed_index: Sequence[int | None]) -> None:
-        """Stores the forecast made at the last position: tags of t_{fed + 1 + shift}."""
+    def remember(head_logits, fed_index_BxT: Sequence[Sequence[int | None]]) -> None:
+        """Stores the forecast made at every position fed: tags of t_{fed + 1 + shift}."""
         if not forecasting:
             return
-        fc_KxB = self_tags.forecast(head_logits, forecast_heads, B)
-        for b, k in enumerate(fed_index):
-            if k is not None and k + 1 + shift > 0:
-                forecasts[b][k + 1 + shift] = fc_KxB[:, b]
+        for c in range(len(fed_index_BxT[0])):
+            fc_KxB = self_tags.forecast({h: v[:, c:c + 1] for h, v in head_logits.items()}, forecast_heads, B)
+            for b in range(B):
+                k = fed_index_BxT[b][c]
+                if k is not None and k + 1 + shift > 0:
+                    forecasts[b][k + 1 + shift] = fc_KxB[:, b]
 
     def run(cache, tokens_BxT, meta_KxBxT, valid_BxT=None):
         out = inc.extend(cache, tokens_BxT, {name: meta_KxBxT[k] for k, name in enumerate(names)}, valid_BxT,
@@ -224,7 +226,8 @@ def decode_batch(
             for c in range(max(lo, P - n - 1), hi):
                 meta[:, b, c - lo] = tags_of(b, c - (P - n - 1) + shift)
         logits, head_logits, cache = run(cache, tokens[:, lo:hi], meta, valid[:, lo:hi])
-        remember(head_logits, [hi - 1 - (P - n - 1) if valid[b, hi - 1] else None for b, n in enumerate(lengths)])
+        remember(head_logits, [[c - (P - n - 1) if valid[b, c] else None for c in range(lo, hi)]
+                               for b, n in enumerate(lengths)])
     key = jax.random.key(seed)
     generated: list[list[int]] = [[] for _ in range(B)]
     gen_tags: list[list[np.ndarray]] = [[] for _ in range(B)]
@@ -239,10 +242,6 @@ def decode_batch(
                 done[b] = True
             else:
                 generated[b].append(int(next_ids[b]))
-        if source in ("guide", "self"):
-            for b in range(B):
-                if len(gen_tags[b]) < len(generated[b]):
-                    gen_tags[b].append(tags_of(b, lengths[b] + len(generated[b])))
         active = [b for b in range(B) if not done[b]]
         if source == "retag" and active:
             fresh = retag([list(map(int, prompts[b])) + generated[b] for b in active])
@@ -260,7 +259,11 @@ def decode_batch(
             fed.append(None if done[b] else k)
         feed = np.where(done, 0, next_ids).astype(np.int32)[:, None]
         logits, head_logits, cache = run(cache, feed, step_meta)
-        remember(head_logits, fed)
+        remember(head_logits, [[k] for k in fed])
+    if source in ("guide", "self"):
+        # What the model was fed for each generated token (for shift < 0 only after it was fed;
+        # the last one's then were never fed: PAD).
+        gen_tags = [[tags_of(b, lengths[b] + g) for g in range(1, len(generated[b]) + 1)] for b in range(B)]
     return [Decoded(ids=generated[b],
                     tags=np.stack(gen_tags[b], axis=1) if gen_tags[b] else np.zeros((K, 0), np.int32),
                     stopped_at_eos=bool(done[b])) for b in range(B)]
@@ -396,7 +399,8 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
     else:
         source = ("none (baseline)" if not names else
                   "self (the model's forecast, prompt included)" if kind == "self" else
-                  f"unguided ({open_steps})" if shift >= 1 else
+                  ("forecast (the model's own tags: it has tag heads)" if forecast else "unguided (PAD, no metadata)")
+                  if shift >= 1 else
                   f"causal tagger {tagger.directory} (tagger)" if kind == "tagger" else
                   "re-annotation of the decoded prefix (prefix)")
     if max_new is None:

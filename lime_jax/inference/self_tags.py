@@ -11,6 +11,7 @@ Self tags never see the text they help predict, for any shift: honest (tag_sourc
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -51,6 +52,20 @@ def forecast(head_logits: Mapping[str, np.ndarray], heads: Sequence[str | None],
     return out
 
 
+@functools.cache
+def _nll_and_hit():
+    """One jitted (nll [B], hit [B]) of a step's logits [B, 1, V], compiled once per shape."""
+    import jax
+    import jax.numpy as jnp
+
+    def fn(logits_Bx1xV, targets_B):
+        logits_BxV = logits_Bx1xV[:, 0]
+        target_B = jnp.take_along_axis(logits_BxV, targets_B[:, None], -1)[:, 0]
+        return jax.nn.logsumexp(logits_BxV, -1) - target_B, jnp.argmax(logits_BxV, -1) == targets_B
+
+    return jax.jit(fn)
+
+
 def score_self(inc, shift: int, rows: Sequence[dict], length: int, batch_rows: int
                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
     """Teacher-forced scoring with self tags: per row (nll [n], hits [n], fed tags [K, n],
@@ -60,15 +75,11 @@ def score_self(inc, shift: int, rows: Sequence[dict], length: int, batch_rows: i
     optional `head:<id>` targets. Positions run one at a time through the KV cache, each fed the
     forecast of the one before.
     """
-    import jax
     import jax.numpy as jnp
 
     cfg = inc.cfg
     names = cfg.metadata_names
     heads = require_forecast(cfg, shift, "the model")
-    step_fn = jax.jit(lambda logits_Bx1xV, targets_B: (
-        jax.nn.logsumexp(logits_Bx1xV[:, 0], -1) - jnp.take_along_axis(logits_Bx1xV[:, 0], targets_B[:, None], -1)[:, 0],
-        jnp.argmax(logits_Bx1xV[:, 0], -1) == targets_B))
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
         B = len(chunk)
@@ -85,7 +96,7 @@ def score_self(inc, shift: int, rows: Sequence[dict], length: int, batch_rows: i
             fed[:, :, j] = tags_KxB
             logits, head_logits, cache = inc.extend(
                 cache, tokens[:, j:j + 1], {n: tags_KxB[k][:, None] for k, n in enumerate(names)}, heads=True)
-            step_nll, step_hits = step_fn(logits, jnp.asarray(targets[:, j]))
+            step_nll, step_hits = _nll_and_hit()(logits, jnp.asarray(targets[:, j]))
             nll[:, j], hits[:, j] = np.asarray(step_nll), np.asarray(step_hits)
             # Where t_{j+1+shift} is BOS or earlier (shift < 0), its tags are NONE, as in training.
             tags_KxB = forecast(head_logits, heads, B) if j + 1 + shift > 0 else first_tags(shift, len(names))[:, None]

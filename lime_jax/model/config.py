@@ -61,6 +61,11 @@ class ModelConfig:
         meta = tuple((str(n), int(s)) for n, s in (tuple(m) for m in self.metadata))
         object.__setattr__(self, "metadata", meta)
         object.__setattr__(self, "tag_heads", _normalise_heads(self.tag_heads))
+        tables = dict(meta)
+        for name, size, ahead, _ in self.tag_heads:
+            if name in tables and size != tables[name]:
+                raise ValueError(f"ModelConfig.tag_heads {head_id(name, ahead)!r} has {size} tags but the "
+                                 f"metadata table {name!r} has {tables[name]}: one vocabulary, one size")
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -121,7 +121,8 @@ def _tag_cross_entropy(logits_BxLxT: jax.Array, tags_BxL: jax.Array, weights_BxL
     logz_BxL = jax.nn.logsumexp(logits_BxLxT, axis=-1)
     target_BxL = jnp.take_along_axis(logits_BxLxT, tags_BxL[..., None], axis=-1, mode="fill",
                                      fill_value=jnp.nan, wrap_negative_indices=False)[..., 0]
-    hits_BxL = (jnp.argmax(logits_BxLxT, axis=-1) == tags_BxL).astype(jnp.float32)
+    # PAD means "no tag": a prediction is the best real tag (as self tags forecast it).
+    hits_BxL = (jnp.argmax(logits_BxLxT[..., PAD_ID + 1:], axis=-1) + PAD_ID + 1 == tags_BxL).astype(jnp.float32)
     return jnp.sum((logz_BxL - target_BxL) * w_BxL), jnp.sum(w_BxL), jnp.sum(hits_BxL * w_BxL)
 
 

@@ -87,7 +87,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         weights = batch_BxL["decoder_loss_weights"].astype(jnp.float32)
         totals = {"num_tokens": jnp.maximum(jnp.sum(weights), 1.0)}
         for key in batch_BxL:
-            if key.startswith(TARGET_PREFIX):  # a tag head's targets: PAD is no target
+            if key.startswith(TARGET_PREFIX) and key != "decoder_target_tokens":  # a tag head's: PAD is none
                 totals[key[len(TARGET_PREFIX):]] = jnp.maximum(jnp.sum(weights * (batch_BxL[key] != 0)), 1.0)
 
         def body(carry, mb):
