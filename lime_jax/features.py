@@ -4,13 +4,9 @@ A tag head (lime_jax/model/heads.py) predicting tag feature `pos` of token i+1 i
 in params and metrics; its targets are the batch feature `decoder_target_pos_ahead1`.
 """
 
-
-TARGET_PREFIX = "decoder_target_"
-
-
 def head_id(name: str, ahead: int) -> str:
     return f"{name}_ahead{ahead}"
 
 
 def target_feature(name: str, ahead: int) -> str:
-    return f"{TARGET_PREFIX}{head_id(name, ahead)}"
+    return f"decoder_target_{head_id(name, ahead)}"

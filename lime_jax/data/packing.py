@@ -22,15 +22,15 @@ def split_document(doc_FxL: np.ndarray, seq_len: int) -> list[np.ndarray]:
     return [doc_FxL[:, start:start + seq_len] for start in range(0, length, seq_len)]
 
 
-def shift_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
+def shift_tags(tags_KxN: np.ndarray, shift: int, fill: int = NONE_ID) -> np.ndarray:
     """The LIME shift: token j of a sequence carries the tags of token `j + shift` of the same
-    sequence, NONE where that falls outside it (0 LIME, +1 LIME+1, -1 leakage control).
+    sequence, `fill` (NONE) where that falls outside it (0 LIME, +1 LIME+1, -1 leakage control).
 
     The one definition of the shift; `[N]` or `[K, N]` (K tag features over the last axis).
     """
     tags_KxN = np.asarray(tags_KxN)
     n = tags_KxN.shape[-1]
-    out_KxN = np.full(tags_KxN.shape, NONE_ID, dtype=np.int32)
+    out_KxN = np.full(tags_KxN.shape, fill, dtype=np.int32)
     if 0 <= shift < n:
         out_KxN[..., :n - shift] = tags_KxN[..., shift:]
     elif 0 < -shift < n:
@@ -38,27 +38,23 @@ def shift_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
     return out_KxN
 
 
-def input_tags(tags_KxN: np.ndarray, shift: int) -> np.ndarray:
+def input_tags(tags_KxN: np.ndarray, shift: int, fill: int = NONE_ID) -> np.ndarray:
     """Tags the model sees at input position i of a segment: those of target `i - 1 + shift`.
 
-    The inputs are BOS followed by the targets but the last, and BOS carries NONE: this is
-    `shift_tags` over `[NONE] + tags`, cut to the segment's length. The TF twin
-    (`seqio_features.input_tags_tf`) follows the same rule.
+    The inputs are BOS followed by the targets but the last, and BOS carries `fill` (NONE), as
+    does every position outside the segment: this is `shift_tags` over `[fill] + tags`, cut to
+    the segment's length. The TF twin (`seqio_features.input_tags_tf`) follows the same rule.
     """
     tags_KxN = np.asarray(tags_KxN)
-    bos_Kx1 = np.full(tags_KxN.shape[:-1] + (1,), NONE_ID, dtype=np.int32)
-    return shift_tags(np.concatenate([bos_Kx1, tags_KxN], axis=-1), shift)[..., :-1]
+    bos_Kx1 = np.full(tags_KxN.shape[:-1] + (1,), fill, dtype=np.int32)
+    return shift_tags(np.concatenate([bos_Kx1, tags_KxN], axis=-1), shift, fill)[..., :-1]
 
 
 def head_targets(tags_N: np.ndarray, ahead: int) -> np.ndarray:
     """A tag head's targets (model/heads.py): position i of a segment gets the tag of token
-    t_{i+ahead} (t_0 = BOS, t_j = target j-1), PAD (0, no target) where that is BOS or past the end."""
-    n = len(tags_N)
-    out_N = np.full(n, PAD_ID, np.int32)
-    lo, hi = max(1 - ahead, 0), min(n, n - ahead + 1)  # t_0 (BOS) has no tag to predict
-    if lo < hi:
-        out_N[lo:hi] = tags_N[lo + ahead - 1:hi + ahead - 1]
-    return out_N
+    t_{i+ahead} (t_0 = BOS), the input-tag rule with shift `ahead`, but PAD (no target) where that
+    token is BOS or past the end, which the loss skips."""
+    return input_tags(tags_N, ahead, fill=PAD_ID)
 
 
 def piece_columns(piece_FxN: np.ndarray, tag_rows: list[int], shift: int,

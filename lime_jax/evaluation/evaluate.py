@@ -174,18 +174,14 @@ class Scorer:
                 yield nll[r, :n], hits[r, :n], head_hits({h: v[r, :n] for h, v in heads.items()}, row)
 
 
-def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[str], shift: int,
-                head_rows: Sequence[tuple[str, int, int]] = ()) -> dict:
-    """One document piece as a row in the batch contract (one segment, BOS input first), with the
-    targets `head:<id>` of each tag head `(id, feature row, ahead)` in `head_rows`."""
-    cols = packing.piece_columns(piece_FxN, list(tag_rows), shift, [(r, a) for _, r, a in head_rows])
+def segment_row(piece_FxN: np.ndarray, tag_rows: Sequence[int], names: Sequence[str], shift: int) -> dict:
+    """One document piece as a row in the batch contract (one segment, BOS input first)."""
+    cols = packing.piece_columns(piece_FxN, list(tag_rows), shift)
     n = piece_FxN.shape[1]
     row = {"targets": cols[:, 0], "tokens": cols[:, 1], "segments": np.ones(n, np.int32),
            "positions": np.arange(n, dtype=np.int32)}
     for k, name in enumerate(names):
         row[name] = cols[:, 2 + k]
-    for h, (hid, _, _) in enumerate(head_rows):
-        row[f"head:{hid}"] = cols[:, 2 + len(names) + h]
     return row
 
 
@@ -229,13 +225,12 @@ def eval_heldout(loaded, scorer: Scorer, docs: Sequence[np.ndarray], manifest: d
     tag_rows, si_row = _rows_of(manifest, names)
     head_rows = _head_rows(loaded, manifest)
     rows, places, lengths = [], [], []
-    for d, doc in enumerate(docs):
+    for doc, gold in zip(docs, target_docs or docs):
         place, length = word_places(doc[si_row])
         for start in range(0, doc.shape[1], seq_len):
-            row = segment_row(doc[:, start:start + seq_len], tag_rows, names, shift, head_rows)
-            if target_docs is not None and head_rows:
-                gold = segment_row(target_docs[d][:, start:start + seq_len], tag_rows, names, shift, head_rows)
-                row.update({k: v for k, v in gold.items() if k.startswith("head:")})
+            row = segment_row(doc[:, start:start + seq_len], tag_rows, names, shift)
+            row.update({f"head:{hid}": packing.head_targets(gold[r, start:start + seq_len], a)
+                        for hid, r, a in head_rows})
             rows.append(row)
             places.append(place[start:start + seq_len])
             lengths.append(length[start:start + seq_len])

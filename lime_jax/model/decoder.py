@@ -208,14 +208,18 @@ class Decoder(nnx.Module):
 
     def param_count(self) -> int:
         """All parameters; works on abstract models (`sharding.abstract_model`) too."""
-        return sum(math.prod(p.shape) for _, p in nnx.iter_graph(self) if isinstance(p, nnx.Param))
+        return _count_params(self)
 
     def param_overhead(self) -> float:
         """Metadata params (tables and tag heads) / all params (0.0 for the baseline)."""
         meta, _ = self.embed.param_counts()
         if self.tag_heads is not None:
-            meta += sum(math.prod(p.shape) for _, p in nnx.iter_graph(self.tag_heads) if isinstance(p, nnx.Param))
+            meta += _count_params(self.tag_heads)
         return meta / self.param_count()
+
+
+def _count_params(module: nnx.Module) -> int:
+    return sum(math.prod(p.shape) for _, p in nnx.iter_graph(module) if isinstance(p, nnx.Param))
 
 
 def create_sharded_model(

@@ -86,11 +86,8 @@ def loss_and_metrics(
         segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"))
 
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    # Like the embedding lookups: a target outside [0, V), negative too, reads NaN.
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1, mode="fill",
-                                           fill_value=jnp.nan, wrap_negative_indices=False)[..., 0]
-    ce_sum = jnp.sum((logz_BxL - target_logit_BxL) * weights_BxL)
+    nll_BxL, logz_BxL = _token_nll(logits_BxLxV, targets_BxL)
+    ce_sum = jnp.sum(nll_BxL * weights_BxL)
     num_tokens = jnp.sum(weights_BxL)
     denom = jnp.maximum(num_tokens, 1.0)
     ce = ce_sum / denom
@@ -114,16 +111,23 @@ def loss_and_metrics(
     return objective, metrics
 
 
+def _token_nll(logits_BxLxC: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(-log p(target) [B, L], logZ [B, L]) in f32. Like the embedding lookups, a target outside
+    [0, C), negative too, reads NaN."""
+    logz_BxL = jax.nn.logsumexp(logits_BxLxC, axis=-1)
+    target_BxL = jnp.take_along_axis(logits_BxLxC, targets_BxL[..., None], axis=-1, mode="fill",
+                                     fill_value=jnp.nan, wrap_negative_indices=False)[..., 0]
+    return logz_BxL - target_BxL, logz_BxL
+
+
 def _tag_cross_entropy(logits_BxLxT: jax.Array, tags_BxL: jax.Array, weights_BxL: jax.Array):
     """(summed cross entropy, number of targets, argmax hits) over real positions whose target is
     not PAD (no such token: past a segment's end or BOS)."""
     w_BxL = weights_BxL * (tags_BxL != PAD_ID)
-    logz_BxL = jax.nn.logsumexp(logits_BxLxT, axis=-1)
-    target_BxL = jnp.take_along_axis(logits_BxLxT, tags_BxL[..., None], axis=-1, mode="fill",
-                                     fill_value=jnp.nan, wrap_negative_indices=False)[..., 0]
+    nll_BxL, _ = _token_nll(logits_BxLxT, tags_BxL)
     # PAD means "no tag": a prediction is the best real tag (as self tags forecast it).
     hits_BxL = (jnp.argmax(logits_BxLxT[..., PAD_ID + 1:], axis=-1) + PAD_ID + 1 == tags_BxL).astype(jnp.float32)
-    return jnp.sum((logz_BxL - target_BxL) * w_BxL), jnp.sum(w_BxL), jnp.sum(hits_BxL * w_BxL)
+    return jnp.sum(nll_BxL * w_BxL), jnp.sum(w_BxL), jnp.sum(hits_BxL * w_BxL)
 
 
 def jit_loss_fn(

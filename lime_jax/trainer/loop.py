@@ -189,10 +189,7 @@ def _evaluate(eval_fn, params, eval_ds, eval_cfg: EvalConfig, eval_cache_dir: st
     n = max(t["num_tokens"], 1.0)
     res = {"loss": t["loss_sum"] / n, "accuracy": t["num_correct"] / n, "num_tokens": t["num_tokens"]}
     res["perplexity"] = math.exp(min(res["loss"], 700.0))
-    for key in [k for k in t if k.endswith("/num_tags")]:
-        head = key[:-len("/num_tags")]
-        res[f"{head}/loss"] = t[f"{head}/loss_sum"] / max(t[key], 1.0)
-        res[f"{head}/accuracy"] = t[f"{head}/num_correct"] / max(t[key], 1.0)
+    res.update({k: float(v) for k, v in step_lib.head_metrics(t).items()})
     return res
 
 

@@ -13,7 +13,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lime_jax.features import TARGET_PREFIX, head_id
+from lime_jax.features import head_id, target_feature
+from lime_jax.ids import PAD_ID
 from lime_jax.model import loss_and_metrics
 from lime_jax.model.loss import batch_metadata_keys
 from lime_jax.trainer.state import TrainState
@@ -30,11 +31,14 @@ def _head_sums(metrics) -> dict:
     return {f"{h}/{k}": metrics[f"{h}/{k}"] for h in _head_ids(metrics) for k in _HEAD_SUMMED}
 
 
-def _head_metrics(metrics) -> dict:
+def head_metrics(sums) -> dict:
+    """`<head id>/loss` and `/accuracy` of each tag head from its summed `loss_sum`, `num_tags`
+    and `num_correct` (one step's, or a held-out set's totals)."""
     out = {}
-    for h in _head_ids(metrics):
-        out[f"{h}/loss"] = metrics[f"{h}/loss_sum"] / jnp.maximum(metrics[f"{h}/num_tags"], 1.0)
-        out[f"{h}/accuracy"] = metrics[f"{h}/num_correct"] / jnp.maximum(metrics[f"{h}/num_tags"], 1.0)
+    for h in _head_ids(sums):
+        n = jnp.maximum(sums[f"{h}/num_tags"], 1.0)
+        out[f"{h}/loss"] = sums[f"{h}/loss_sum"] / n
+        out[f"{h}/accuracy"] = sums[f"{h}/num_correct"] / n
     return out
 
 
@@ -86,9 +90,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch_BxL)
         weights = batch_BxL["decoder_loss_weights"].astype(jnp.float32)
         totals = {"num_tokens": jnp.maximum(jnp.sum(weights), 1.0)}
-        for key in batch_BxL:
-            if key.startswith(TARGET_PREFIX) and key != "decoder_target_tokens":  # a tag head's: PAD is none
-                totals[key[len(TARGET_PREFIX):]] = jnp.maximum(jnp.sum(weights * (batch_BxL[key] != 0)), 1.0)
+        for name, _, ahead, _ in nnx.merge(graphdef, params).cfg.tag_heads:  # a head's targets: PAD is none
+            tags = batch_BxL[target_feature(name, ahead)]
+            totals[head_id(name, ahead)] = jnp.maximum(jnp.sum(weights * (tags != PAD_ID)), 1.0)
 
         def body(carry, mb):
             g_sum, m_sum, total = carry
@@ -120,7 +124,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
             "param_norm": optax.tree.norm(params),
             "lr": schedule(state.step),
             "z_loss": m["z_loss"],  # the weighted term; 0 unless ModelConfig.z_loss is on
-            **({"total_loss": m["objective"], **_head_metrics(m)} if _head_ids(m) else {}),
+            **({"total_loss": m["objective"], **head_metrics(m)} if _head_ids(m) else {}),
         }
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out
 
