@@ -15,6 +15,13 @@ from lime_jax.features import head_id
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MLP_ACTIVATIONS = ("gelu", "silu")  # GeGLU (Gemma) or SwiGLU (Llama)
+# `attention.py`: the XLA reference, cuDNN flash attention (jax.nn.dot_product_attention; no
+# segment ids), Pallas flash attention for GPU (Triton) and splash attention for TPU (Mosaic).
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas_gpu", "splash")
+# Rematerialisation policies by MaxText's names (`decoder.py` maps them to jax.checkpoint
+# policies over the checkpoint names of the attention and MLP projections).
+REMAT_POLICIES = ("none", "full", "minimal", "save_dot_except_mlp", "save_dot_except_mlpwi",
+                  "save_dot_with_context_except_mlp", "save_qkv_proj")
 
 
 @gin.configurable
@@ -55,6 +62,12 @@ class ModelConfig:
     norm_eps: float = 1e-6
     z_loss: float = 0.0
     check_ids: bool = False
+    # Accelerator scale (docs/scaling.md): none changes the math, only speed and memory.
+    attention: str = "xla"  # one of ATTENTION_IMPLS
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = False  # params stacked on a leading `layers` axis, one jax.lax.scan
+    loss_chunk_size: int = 0  # > 0: cross entropy over chunks of this many tokens (no full f32 logits)
+    gather_params_in_compute_dtype: bool = False  # cast params to `dtype` before FSDP all-gathers
 
     def __post_init__(self):
         # gin and JSON hand lists where tuples are meant; normalise so the config stays hashable.
@@ -94,6 +107,16 @@ class ModelConfig:
         object.__setattr__(self, "z_loss", float(self.z_loss))
         if not isinstance(self.check_ids, bool):
             raise TypeError(f"ModelConfig.check_ids must be a bool, got {self.check_ids!r}")
+        for field, allowed in (("attention", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"ModelConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field in ("scan_layers", "gather_params_in_compute_dtype"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"ModelConfig.{field} must be a bool, got {getattr(self, field)!r}")
+        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) \
+                or self.loss_chunk_size < 0:
+            raise ValueError(f"ModelConfig.loss_chunk_size must be an int >= 0 (0: no chunking), "
+                             f"got {self.loss_chunk_size!r}")
         if self.metadata_weight not in ("fixed", "learned"):
             raise ValueError(
                 f"ModelConfig.metadata_weight must be 'fixed' or 'learned', got {self.metadata_weight!r}")

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv", "tags", "batch", "length")
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv", "tags", "batch", "length", "layers")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 MeshAxes = str | tuple[str, ...] | None
@@ -47,6 +47,7 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("kv", None),
     ("tags", None),  # metadata tables are tiny: replicate them
+    ("layers", None),  # the stacked-layer axis of scan_layers: every device holds every layer
 )
 
 

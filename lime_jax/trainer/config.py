@@ -106,7 +106,11 @@ class CheckpointConfig:
 class TrainConfig:
     """The run itself: where it writes, how long it trains, on which mesh, what it logs.
 
-    `mesh_shape` is (data, fsdp, tensor); one -1 takes the remaining devices.
+    `mesh_shape` is (data, fsdp, tensor); one -1 takes the remaining devices. `dcn_mesh_shape`
+    (the same axes) splits them further over slices or nodes joined by the data-centre network:
+    each mesh axis is ICI size x DCN size, built by `jax.experimental.mesh_utils` (None: one slice).
+    `profile_steps = (first, last)` writes a `jax.profiler` trace of those steps to
+    `<model_dir>/profile`; `compilation_cache_dir` turns on JAX's persistent compilation cache.
     `peak_flops_per_device=None` looks the device kind up (metrics.peak_flops_for) for MFU.
     `initialize_distributed=True` always initialises JAX's distributed runtime (a TPU VM slice),
     otherwise only when flags, JAX_* variables or a cluster launcher name several processes.
@@ -120,9 +124,25 @@ class TrainConfig:
     peak_flops_per_device: float | None = None
     progress: bool = True
     initialize_distributed: bool = False
+    dcn_mesh_shape: tuple[int, ...] | None = None
+    profile_steps: tuple[int, int] | None = None
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))  # gin may hand a list
+        if self.dcn_mesh_shape is not None:
+            dcn = tuple(self.dcn_mesh_shape)
+            if len(dcn) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dcn):
+                raise ConfigError(f"TrainConfig.dcn_mesh_shape must be 3 positive ints (data, fsdp, tensor), "
+                                  f"got {self.dcn_mesh_shape!r}")
+            object.__setattr__(self, "dcn_mesh_shape", dcn)
+        if self.profile_steps is not None:
+            window = tuple(self.profile_steps)
+            if len(window) != 2 or any(isinstance(d, bool) or not isinstance(d, int) for d in window) \
+                    or not 1 <= window[0] <= window[1]:
+                raise ConfigError(f"TrainConfig.profile_steps must be (first, last) steps with "
+                                  f"1 <= first <= last, got {self.profile_steps!r}")
+            object.__setattr__(self, "profile_steps", window)
         _check_positive_ints(self, "train_steps", "log_every")
         if not isinstance(self.model_dir, str) or not self.model_dir:
             raise ConfigError(f"TrainConfig.model_dir must be a path, got {self.model_dir!r}")
