@@ -191,7 +191,7 @@ def train_and_eval(model_dir: str, caches: dict[str, str], arm: str, steps: int,
         f"MODEL_DIR = '{model_dir}'", f"CACHE_DIR = '{caches[train_cache]}'",
         f"EVAL_CACHE_DIR = '{caches[eval_cache]}'", f"DataConfig.extra_eval_cache_dirs = {extra_dirs!r}",
         f"TRAIN_STEPS = {steps}", f"EVAL_EVERY = {eval_every}", f"CHECKPOINT_EVERY = {every}", f"SEED = {seed}",
-        f"CheckpointConfig.keep = {steps // every + 1}",
+        f"CheckpointConfig.keep = {max(2, steps // every + 1)}",  # the seal needs two (CheckpointConfig)
         f"EvalConfig.batches = {eval_batches}", "TrainConfig.progress = False",
         *(heads_binding(b, caches[train_cache]) for b in bindings)])
     if arm in SELF_ARMS:

@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     from lime_jax.data import cache as cache_lib
     from lime_jax.inference import generate, self_tags
     from lime_jax.inference import model_dir as model_dir_lib
-    from lime_jax.model.decode import IncrementalDecoder
     from lime_jax.tagger.infer import load_checked
     from lime_jax.tagger.train import train_tagger
     from lime_jax.trainer import train
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [d[0, :min(args.prompt_pieces, d.shape[1] - 1)] for d in docs]  # never the EOS
     spacy_retag = generate.make_retagger(loaded)
     tagger_retag = generate.make_retagger(loaded, tagger)
-    inc = IncrementalDecoder(loaded.model)
+    inc = loaded.decoder  # the model's own mesh and placement, as `lime-jax generate` decodes
     heads = self_tags.require_forecast(loaded.cfg, loaded.shift, run_dir)
     sources = {
         "self": lambda: generate.decode_batch(inc, 0, prompts, [None] * len(prompts), args.max_new,

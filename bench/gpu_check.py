@@ -1,19 +1,21 @@
 """GPU check (issue 15): training tokens/s, MFU and LIME's step-time overhead on one accelerator.
 
     .venv/bin/python bench/gpu_check.py [--model models/500m.gin] [--seq-len 2048] [--batch 8] [--steps 20]
+        [--gin.ModelConfig.remat_policy="'none'"] ...
 
 Prepared for the device tool's H200 (at most ~8 minutes there); on a CPU run it with a small
 model to check it works (`--model models/tiny.gin --seq-len 64 --batch 4 --steps 3`).
-Builds the LIME model of the given size with gin/runs/gpu.gin's numerics (bf16 compute, f32
-params) and the same model without tables (the baseline), each as the trainer builds it (state
+Builds the LIME model of the given size with gin/runs/gpu.gin's settings (bf16 compute, f32
+params, Pallas flash attention with segment ids, remat, scanned layers; `--gin.X=V` overrides
+any of them) and the same model without tables (the baseline), each as the trainer builds it (state
 created sharded on a mesh of every device JAX sees, one jitted train step with the state donated),
 then times their steps interleaved on one synthetic packed batch, so both see the same machine.
 MFU is against the device's dense bf16 peak (lime_jax/trainer/metrics.py, KNOWN_PEAK_FLOPS; nan
-when the device is not listed) with the trainer's FLOP count. Attention is today's XLA reference
-and there is no remat: the only implementations in this tree (issue 15 asks for more).
+when the device is not listed) with the trainer's FLOP count (model FLOPs: remat's recompute
+is not counted, as MaxText counts it).
 
 Last line: gpu_mfu=<n> gpu_tokens_per_s=<n> lime_step_time_ratio=<median lime / median baseline>
-attention=xla remat=none
+attention=<impl> remat=<policy>
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", dest="seq_len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8, help="sequences per step (over all devices)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per arm, interleaved")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
     sys.path.insert(0, REPO)
     import jax
 
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from lime_jax.trainer import metrics as metrics_lib
 
     gin_config.parse_gin(["runs/gpu.gin", args.model], ["MODEL_DIR = '/tmp/gpu_check'", "CACHE_DIR = '/tmp/none'",
-                                                         f"TRAIN_STEPS = {args.steps + 1}"])
+                                                         f"TRAIN_STEPS = {args.steps + 1}",
+                                                         *gin_config.bindings_from_flags(rest)])
     lime_cfg = ModelConfig()
     mesh, rules = make_mesh((1, jax.device_count(), 1)), sharding_rules()
     batch = synthetic_batch(lime_cfg, args.batch, args.seq_len)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seq_len}; median step lime {t_lime * 1e3:.1f} ms, baseline {t_base * 1e3:.1f} ms over "
           f"{args.steps} interleaved steps; peak {peak or 'unknown'} FLOP/s per device")
     print(f"gpu_mfu={mfu:.4f} gpu_tokens_per_s={tokens / t_lime:.0f} lime_step_time_ratio={t_lime / t_base:.4f} "
-          "attention=xla remat=none")
+          f"attention={lime_cfg.attention} remat={lime_cfg.remat_policy}")
     return 0
 
 

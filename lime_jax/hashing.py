@@ -12,9 +12,10 @@ CHUNK_BYTES = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of the file at `path`, read in 1 MiB chunks."""
+    """Hex sha256 of the file at `path`, read in 1 MiB chunks. A path object is read through its
+    own `open`, so an `etils.epath.Path` on gs:// works too."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (path.open("rb") if hasattr(path, "open") else open(path, "rb")) as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

@@ -102,8 +102,11 @@ def strip_eos(doc_FxL: np.ndarray, features: Sequence[str], where: str) -> np.nd
 
 
 def read_cache_dataset(cache_dir: str, shuffle_files: bool = False, seed: int | None = None,
-                       check_hashes: bool = True) -> tf.data.Dataset:
-    """The cache's documents as a tf.data.Dataset of {feature: int32 [L]} (EOS stripped)."""
+                       check_hashes: bool = False) -> tf.data.Dataset:
+    """The cache's documents as a tf.data.Dataset of {feature: int32 [L]} (EOS stripped).
+
+    Checks the manifest and each shard's size and record count; `check_hashes` also hashes every
+    shard (`lime-jax verify-cache` does, once, rather than every process at every start)."""
     manifest = cache.verify_cache(cache_dir, check_hashes=check_hashes)
     all_names = manifest["features"]
     # Tag features only: bookkeeping features such as `subword_index` are for evaluation.

@@ -1,6 +1,7 @@
 """The accelerator configs lower and compile for meshes of their intended size (no such devices
 here: AbstractMesh lowering in-process, fake CPU devices for compiling); the compiled program's
 memory and FLOPs match figures computed by hand from the config and the mesh."""
+import dataclasses
 import math
 
 import pytest
@@ -49,9 +50,11 @@ def _check_state_memory(r, param_bytes):
 
 def test_compiled_memory_and_flops_match_the_config():
     V, D, N, K, F, S, B = 2048, 256, 4, 2, 1024, 128, 16
-    # One micro-batch: XLA's cost analysis counts a loop body (the accumulation scan) once.
+    # One micro-batch: XLA's cost analysis counts a loop body (the accumulation scan) once. No
+    # remat: the formula counts no recomputed forward.
     r = aot.compile_config(["runs/gpu.gin"], [
         f"SEQ_LEN = {S}", f"BATCH_SIZE = {B}", "OptimizerConfig.grad_accum_steps = 1",
+        "ModelConfig.remat_policy = 'none'",
         f"ModelConfig.vocab_size = {V}", f"ModelConfig.d_model = {D}", f"ModelConfig.n_heads = {N}",
         f"ModelConfig.n_kv_heads = {K}", f"ModelConfig.d_ff = {F}", "ModelConfig.n_layers = 1"], (1, 8, 1))
     print("\n" + aot.format_report("gpu.gin (small)", r))
@@ -103,6 +106,60 @@ def test_compiles_with_fake_devices(run_cfg, model, mesh):
 
 def test_bad_mesh_is_rejected(capsys):
     assert aot_cli.main(["--gin_file", "runs/gpu.gin", "--mesh", "1,3,1", "--lower_only"]) == 1
-    assert "does not split into 4 micro-batches over the 3 batch shards" in capsys.readouterr().err
+    assert ("DataConfig.batch_size=128 does not split into 1 micro-batches (OptimizerConfig.grad_accum_steps) "
+            "over the 3 batch shards of mesh (1, 3, 1)") in capsys.readouterr().err
+    # 500m's 2 KV heads over tensor=4: named, not silently replicated.
+    assert aot_cli.main(["--gin_file", "runs/gpu.gin", "--gin_file", "models/500m.gin", "--mesh", "1,2,4",
+                         "--lower_only"]) == 1
+    assert "logical axis 'heads' (dim 2 of shape (18, 1280, 2, 128), size 2)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         aot_cli.main(["--gin_file", "runs/gpu.gin", "--mesh", "8x2"])
+    with pytest.raises(SystemExit):
+        aot_cli.main(["--table", "docs/scaling.md", "--mesh", "1,8,1"])
+
+
+def test_activation_estimate_follows_remat_attention_and_loss_chunks():
+    from lime_jax.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=32768, d_model=2560, n_layers=20, n_heads=20, n_kv_heads=4, head_dim=128,
+                      d_ff=10240)
+    est = {p: aot.activation_estimate(dataclasses.replace(cfg, remat_policy=p), 16, 2048)
+           for p in ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full")}
+    assert est["none"] > est["minimal"] > est["save_dot_except_mlp"] > est["save_qkv_proj"] > est["full"]
+    # Full remat keeps one d_model vector per token and layer (+ one layer recomputed, + logits).
+    tokens, act = 16 * 2048, 2
+    layer = tokens * (10 * 2560 + 3 * 10240) * act + tokens * 20 * 2048 * 4
+    assert est["full"] == 20 * tokens * 2560 * act + layer + 2 * tokens * 32768 * 4
+    flash = aot.activation_estimate(dataclasses.replace(cfg, attention="pallas_gpu"), 16, 2048)
+    assert est["none"] - flash == 20 * tokens * 20 * 2048 * 4  # no f32 L x L scores per layer
+    chunked = aot.activation_estimate(dataclasses.replace(cfg, loss_chunk_size=256), 16, 2048)
+    assert est["none"] - chunked == 2 * 16 * (2048 - 256) * 32768 * 4
+
+
+@pytest.mark.slow
+def test_table_is_written_between_the_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Title\nbefore\n{aot.TABLE_BEGIN}\nold table\n{aot.TABLE_END}\nafter\n")
+    # The tiny model at a short length: the same code path as the 500m/1b/2b table, in seconds.
+    table = aot.write_table(str(doc), models=["models/tiny.gin"], bindings=["SEQ_LEN = 64", "BATCH_SIZE = 16"])
+    text = doc.read_text()
+    assert text.startswith(f"# Title\nbefore\n{aot.TABLE_BEGIN}\n") and text.endswith(f"{aot.TABLE_END}\nafter\n")
+    assert "old table" not in text and table in text
+    rows = [line for line in table.splitlines() if line.startswith("| tiny.gin |")]
+    assert [row.split(" | ")[2] for row in rows] == ["save_dot_except_mlp", "none"]  # runs/gpu.gin's, then off
+    assert all(row.split(" | ")[3] == "2 x 64" for row in rows)  # 16 sequences over 8 devices
+    assert "attention xla (config: pallas_gpu)" in table
+    bad = tmp_path / "bad.md"
+    bad.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one pair of marker lines"):
+        aot.write_table(str(bad))
+
+
+@pytest.mark.slow
+def test_2b_with_remat_fits_an_80gib_gpu():
+    # runs/gpu.gin as shipped (remat, scan, 16 sequences of 2048 per GPU) on one 8-GPU node.
+    r = aot.compile_config(["runs/gpu.gin", "models/2b.gin"], UNUSED, (1, 8, 1))
+    print("\n" + aot.format_report("gpu.gin + 2b.gin", r))
+    assert r["compiled"] and r["remat_policy"] != "none"
+    assert r["memory_analysis_per_device"]["peak_gib"] <= 0.9 * 80
+    assert r["estimate_per_device"]["total_gib"] <= 0.9 * 80

@@ -171,3 +171,52 @@ def test_missing_dir_and_manifest(tmp_path):
 def test_read_document_rejects_bad_length():
     with pytest.raises(cache.CacheError, match="not an int32 array of 3 features"):
         cache.read_document(b"\x01\x00\x00\x00" * 4, 3)
+
+
+def test_shard_sizes_are_recorded_and_checked_without_hashing(built, monkeypatch):
+    """Readers check each shard's recorded size; the hash is left to `lime-jax verify-cache`."""
+    d, _ = built
+    manifest = cache.load_manifest(d)
+    assert [s["bytes"] for s in manifest["shards"]] == [os.path.getsize(p) for p in cache.shard_paths(d, manifest)]
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path} at start")
+
+    monkeypatch.setattr(cache, "sha256_file", no_hashing)
+    from lime_jax.data import loader
+
+    batch = next(iter(loader.build_dataset(d, 16, 2, shard_index=0, shard_count=1)))
+    assert batch["decoder_target_tokens"].shape == (2, 16)
+    with open(_shard(d), "ab") as f:
+        f.write(b"\0")  # one byte more: not the shard annotation wrote
+    with pytest.raises(cache.CacheError, match=r"shard-00001.array_record: \d+ bytes, manifest field "
+                                               r"'shards\[1\].bytes' says \d+"):
+        loader.build_dataset(d, 16, 2, shard_index=0, shard_count=1)
+
+
+def test_manifest_without_shard_sizes_still_reads(built):
+    """Caches written before sizes were recorded: the ArrayRecord footer still catches truncation."""
+    d, _ = built
+    _edit_manifest(d, lambda m: [s.pop("bytes") for s in m["shards"]])
+    cache.verify_cache(d, check_hashes=False)
+    data = open(_shard(d), "rb").read()
+    open(_shard(d), "wb").write(data[: len(data) // 2])
+    with pytest.raises(cache.CacheError, match=r"shard-00001.array_record: unreadable"):
+        cache.verify_cache(d, check_hashes=False)
+
+
+def test_verify_cache_command_hashes_every_shard(built, capsys):
+    from lime_jax import cli
+
+    d, _ = built
+    assert cli.main(["verify-cache", d]) == 0
+    assert capsys.readouterr().out.count("OK ") == 3
+    data = bytearray(open(_shard(d), "rb").read())
+    data[100] ^= 0xFF  # same size: only the hash tells
+    open(_shard(d), "wb").write(bytes(data))
+    cache.verify_cache(d, check_hashes=False)
+    assert cli.main(["verify-cache", d]) == 1
+    out, err = capsys.readouterr()
+    assert f"OK       {_shard(d, 0)}" in out and f"OK       {_shard(d, 2)}" in out
+    assert f"MISMATCH {_shard(d)}: sha256" in out
+    assert f"{d}: 1 mismatch(es): {_shard(d)}: sha256" in err

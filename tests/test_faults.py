@@ -7,6 +7,7 @@ and nothing wrong is loaded.
 import ast
 import gc
 import glob
+import json
 import logging
 import os
 import random
@@ -316,7 +317,8 @@ def test_trainer_resumes_from_the_intact_checkpoint_and_matches(short_run, cache
     _assert_params_bitwise_equal(_final_params(model_dir)[1], _final_params(short_run)[1])
 
 
-# --- corrupt caches: found before training, naming the file ----------------------------------
+# --- damaged caches: a size or manifest mismatch fails before step 1, naming the file; a
+# same-size corruption is found by `lime-jax verify-cache` (training start hashes nothing) ---
 
 def _flip_byte(path):
     data = bytearray(open(path, "rb").read())
@@ -324,31 +326,55 @@ def _flip_byte(path):
     open(path, "wb").write(bytes(data))
 
 
-def _zero_first_shard_hash_in_manifest(cache_dir):
+def _edit_shard_entry(cache_dir, **fields):
     path = os.path.join(cache_dir, "manifest.json")
-    text, digest = open(path).read(), cache.load_manifest(cache_dir)["shards"][1]["sha256"]
+    manifest = cache.load_manifest(cache_dir)
+    manifest["shards"][1].update(fields)
     with open(path, "w") as f:
-        f.write(text.replace(digest, "0" * 64))
+        json.dump(manifest, f)
 
 
-CACHE_DAMAGE = {
-    "truncated_shard": lambda d: open(os.path.join(d, "shard-00001.array_record"), "r+b").truncate(100),
-    "corrupt_shard": lambda d: _flip_byte(os.path.join(d, "shard-00001.array_record")),
-    "manifest_hash": _zero_first_shard_hash_in_manifest,
+START_DAMAGE = {
+    "truncated_shard": (lambda d: open(os.path.join(d, "shard-00001.array_record"), "r+b").truncate(100),
+                        "100 bytes, manifest field 'shards[1].bytes'"),
+    "manifest_records": (lambda d: _edit_shard_entry(d, num_records=31),
+                         "holds 32 records, manifest field 'shards[1].num_records' says 31"),
 }
 
 
-@pytest.mark.parametrize("damage", sorted(CACHE_DAMAGE))
-def test_corrupt_cache_fails_before_step_1_naming_the_file(cache_dir, tmp_path, capfd, damage):
+@pytest.mark.parametrize("damage", sorted(START_DAMAGE))
+def test_damaged_cache_fails_before_step_1_naming_the_file(cache_dir, tmp_path, capfd, damage):
     bad_cache = str(tmp_path / "cache")
     shutil.copytree(cache_dir, bad_cache)
-    CACHE_DAMAGE[damage](bad_cache)
+    edit, expected = START_DAMAGE[damage]
+    edit(bad_cache)
     model_dir = tmp_path / "m"
     capfd.readouterr()
     assert cli_train.main(_argv(_bindings(model_dir, bad_cache))) == 1
     err = capfd.readouterr().err
-    assert f"ERROR lime_jax.cli.train: {os.path.join(bad_cache, 'shard-00001.array_record')}: sha256" in err
+    assert f"ERROR lime_jax.cli.train: {os.path.join(bad_cache, 'shard-00001.array_record')}: {expected}" in err
     assert not os.path.exists(model_dir / "checkpoints") and not os.path.exists(model_dir / "metrics.jsonl")
+
+
+HASH_DAMAGE = {
+    "corrupt_shard": lambda d: _flip_byte(os.path.join(d, "shard-00001.array_record")),
+    "manifest_hash": lambda d: _edit_shard_entry(d, sha256="0" * 64),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(HASH_DAMAGE))
+def test_same_size_damage_is_found_by_verify_cache(cache_dir, tmp_path, capfd, damage):
+    from lime_jax import cli
+
+    bad_cache = str(tmp_path / "cache")
+    shutil.copytree(cache_dir, bad_cache)
+    HASH_DAMAGE[damage](bad_cache)
+    capfd.readouterr()
+    assert cli.main(["verify-cache", bad_cache]) == 1
+    out, err = capfd.readouterr()
+    shard = os.path.join(bad_cache, "shard-00001.array_record")
+    assert f"MISMATCH {shard}: sha256" in out and f"OK       {os.path.join(bad_cache, 'shard-00000.array_record')}" in out
+    assert shard in err
 
 
 # --- a full disk during a save ---------------------------------------------------------------

@@ -17,15 +17,17 @@ NER = TagVocab("ner", ("O",))  # id 3
 EOS = 1
 
 
-def test_kv_cache_decode_matches_full_forward():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_decode_matches_full_forward(scan_layers):
     import jax
     from flax import nnx
 
     from lime_jax.model import ModelConfig
     from lime_jax.model.decode import IncrementalDecoder
 
+    # Stacked layers decode in one scan over the layers, writing each layer's slice of the cache.
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      metadata=(("pos", 6), ("ner", 5)), dtype="float32")
+                      metadata=(("pos", 6), ("ner", 5)), dtype="float32", scan_layers=scan_layers)
     model = numpy_model(cfg)
     rng = np.random.default_rng(0)
     B, L, lengths = 3, 11, [7, 4, 1]  # ragged prompts, left-padded by the caller

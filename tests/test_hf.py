@@ -290,10 +290,13 @@ def test_init_from_hf_trains_lime_steps_and_exports_back(hf_gemma, tmp_path, cap
         train_lib.train(["runs/lime.gin", "models/tiny.gin"],
                         _train_bindings(str(tmp_path / "bad"), cache, hf_dir, **{"ModelConfig.d_ff": 96}))
     run = str(tmp_path / "run")
-    summary = train_lib.train(["runs/lime.gin", "models/tiny.gin"], _train_bindings(run, cache, hf_dir))
+    # Stacked layers: import stacks the checkpoint's layers, export unstacks them.
+    summary = train_lib.train(["runs/lime.gin", "models/tiny.gin"],
+                              _train_bindings(run, cache, hf_dir, **{"ModelConfig.scan_layers": True}))
     assert summary["step"] == 3 and math.isfinite(summary["train_loss"])
     loaded = model_dir_lib.load(run)
     cfg = loaded.cfg
+    assert cfg.scan_layers and loaded.model.blocks.attn.wq.shape[0] == cfg.n_layers  # stacked
     trained = gemma.flat_params(nnx.state(loaded.model, nnx.Param))
     start = hf_init.load_params(hf_dir, cfg)
     # Three Adam steps at lr <= 1e-4 move the imported weights by < 3e-4 (a random init is ~0.1

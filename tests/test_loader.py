@@ -164,7 +164,10 @@ def test_same_seed_same_batches_and_reshuffle_per_epoch(corpus):
 
 
 def test_orbax_save_restore_continues_exactly(corpus, tmp_path):
+    """Through the trainer's `data` item (data_state's handler), as a checkpoint holds it."""
     import orbax.checkpoint as ocp
+
+    from lime_jax.trainer import data_state
 
     d, _ = corpus
     k, n = 5, 9
@@ -173,12 +176,12 @@ def test_orbax_save_restore_continues_exactly(corpus, tmp_path):
     for _ in range(k):
         next(it)
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
-        mgr.save(k, args=ocp.args.Composite(data=loader.checkpoint_save_args(it)))
+        mgr.save(k, args=ocp.args.Composite(data=data_state.ShardStateSave(data_state.as_sharded(it, 0, 1))))
         mgr.wait_until_finished()
     fresh = iter(build(d, shift=1))
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
         restored = mgr.restore(k, args=ocp.args.Composite(
-            data=loader.checkpoint_restore_args(fresh)))["data"]
+            data=data_state.ShardStateRestore(data_state.as_sharded(fresh, 0, 1))))["data"]
     for step in range(k, n):
         batch = next(restored)
         for key in batch:

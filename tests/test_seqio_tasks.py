@@ -269,9 +269,13 @@ def test_mixture_batches_are_deterministic_and_mix_both_tasks(tiny):
 
 
 def test_state_restore_gives_the_same_next_batches(tiny, tmp_path):
-    """JSON state (what grain's Orbax handler writes) at any point resumes exactly, also inside
-    a partly consumed block of packed rows; and it goes through Orbax like the loader's."""
+    """JSON state at any point resumes exactly, also inside a partly consumed block of packed
+    rows; it goes through the trainer's `data` item (data_state's handler) as the loader's does,
+    as this process's one data shard: another process count is refused, naming the cause."""
     import orbax.checkpoint as ocp
+
+    from lime_jax.trainer import data_state
+    from lime_jax.trainer.config import ConfigError
 
     kw = dict(split="train", seq_len=16, batch_size=4, shift=1, tags=("pos", "ner"), seed=7,
               shard_index=0, shard_count=1, shuffle=True, num_epochs=None)
@@ -285,13 +289,22 @@ def test_state_restore_gives_the_same_next_batches(tiny, tmp_path):
             _assert_same_batches([next(fresh) for _ in range(3)], reference[k:k + 3])
         next(it)
     with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
-        mgr.save(25, args=ocp.args.Composite(data=loader.checkpoint_save_args(it)))
+        mgr.save(25, args=ocp.args.Composite(data=data_state.ShardStateSave(data_state.as_sharded(it, 0, 1))))
         mgr.wait_until_finished()
-    fresh = seqio_source.seqio_batches(tiny.mixtures[1], **kw)
-    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
-        restored = mgr.restore(25, args=ocp.args.Composite(
-            data=loader.checkpoint_restore_args(fresh)))["data"]
+
+    def restore(process_count):
+        fresh = seqio_source.seqio_batches(tiny.mixtures[1], **kw)
+        with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
+            return mgr.restore(25, args=ocp.args.Composite(data=data_state.ShardStateRestore(
+                data_state.as_sharded(fresh, 0, process_count))))["data"]
+
+    restored = restore(1)
     _assert_same_batches([next(restored) for _ in range(5)], reference[25:])
+    # Process 0 of 2: SeqIO reads one shard per process, so data_shards cannot help.
+    with pytest.raises(ConfigError, match=r"1 data shards; this run's SeqIO input \(MIXTURE_OR_TASK_NAME\) reads "
+                                          r"one shard per process, 2 here.*resume on 1 process\(es\) "
+                                          r"\(process_dataset.data_shards applies to a CACHE_DIR input only\)"):
+        restore(2)
 
 
 def test_seqio_batches_errors_name_the_problem(corpus):

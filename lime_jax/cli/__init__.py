@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spm-train": ("lime_jax.cli.spm_train", "train a SentencePiece model on text files"),
     "show": ("lime_jax.cli.show", "print the pieces and POS/NER tags of a text"),
     "annotate": ("lime_jax.cli.annotate", "annotate, tokenize and align a corpus into an ArrayRecord cache"),
+    "verify-cache": ("lime_jax.cli.verify_cache", "hash every shard of a cache against its manifest (OK/MISMATCH per shard)"),
     "train": ("lime_jax.cli.train", "train a model from gin configs (--gin_file, --gin.KEY=VALUE)"),
     "quickstart": ("lime_jax.cli.quickstart", "SentencePiece, annotation, baseline and LIME runs on the bundled corpus"),
     "eval": ("lime_jax.cli.eval", "held-out perplexity/accuracy, token cohesion, cloze, addition and reasoning of a run"),

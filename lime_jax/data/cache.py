@@ -65,7 +65,9 @@ def _check_document(doc: np.ndarray, where: str, num_features: int | None) -> np
 def write_shard(out_dir: str, shard_index: int, docs: Sequence[np.ndarray]) -> dict:
     """Writes `docs` (int32 [F, L] each) to `shard-%05d.array_record` atomically.
 
-    Returns the manifest entry `{"path", "num_records", "sha256"}` (path relative to out_dir).
+    Returns the manifest entry `{"path", "num_records", "bytes", "sha256"}` (path relative to
+    out_dir): the shard is hashed here, once; readers check its size and `lime-jax verify-cache`
+    its hash.
     """
     name = shard_name(shard_index)
     path = os.path.join(out_dir, name)
@@ -87,9 +89,9 @@ def write_shard(out_dir: str, shard_index: int, docs: Sequence[np.ndarray]) -> d
         writer.close()
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    digest = sha256_file(tmp)
+    size, digest = os.path.getsize(tmp), sha256_file(tmp)
     os.replace(tmp, path)
-    return {"path": name, "num_records": len(arrays), "sha256": digest}
+    return {"path": name, "num_records": len(arrays), "bytes": size, "sha256": digest}
 
 
 def write_manifest(out_dir: str, manifest: Mapping) -> None:
@@ -177,6 +179,9 @@ def _validate_manifest(manifest: dict, path: str) -> dict:
         n = s.get("num_records")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             fail(f"shards[{i}].num_records", f"expected an int >= 0, got {n!r}")
+        b = s.get("bytes", 0)  # absent in caches written before shard sizes were recorded
+        if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+            fail(f"shards[{i}].bytes", f"expected an int >= 0, got {b!r}")
         h = s.get("sha256")
         if not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{64}", h):
             fail(f"shards[{i}].sha256", f"expected 64 hex digits, got {h!r}")
@@ -233,57 +238,84 @@ def check_vocab_sizes(out_dir: str, manifest: Mapping, expected: Mapping[str, in
                              f"cache or fix the config")
 
 
+def stray_shards(out_dir: str, manifest: Mapping) -> list[str]:
+    """Shard files in `out_dir` that the manifest does not list."""
+    listed = {s["path"] for s in manifest["shards"]}
+    return sorted(n for n in os.listdir(out_dir) if _SHARD_RE.match(n) and n not in listed)
+
+
+def check_shard(out_dir: str, manifest: Mapping, i: int, check_hash: bool = True) -> str | None:
+    """What is wrong with shard `i` of the manifest (missing, another size than recorded,
+    another sha256 when `check_hash`, unreadable, another record count), or None."""
+    entry = manifest["shards"][i]
+    path = os.path.join(out_dir, entry["path"])
+    mpath = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return f"{path}: shard listed in {mpath} (shards[{i}]) is missing"
+    size = os.path.getsize(path)
+    if "bytes" in entry and size != entry["bytes"]:
+        return (f"{path}: {size} bytes, manifest field 'shards[{i}].bytes' says {entry['bytes']} "
+                "(truncated or rewritten shard)")
+    if check_hash:
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            return (f"{path}: sha256 {digest[:12]}... does not match manifest field "
+                    f"'shards[{i}].sha256' {entry['sha256'][:12]}... (truncated, corrupt or rewritten shard)")
+    try:
+        reader = open_reader(path)
+    except CacheError as e:
+        return str(e)
+    try:
+        n = reader.num_records()
+    finally:
+        reader.close()
+    if n != entry["num_records"]:
+        return f"{path}: holds {n} records, manifest field 'shards[{i}].num_records' says {entry['num_records']}"
+    return None
+
+
 def verify_cache(out_dir: str, expected_vocab_sizes: Mapping[str, int] | None = None,
                  check_hashes: bool = True, check_records: bool = False) -> dict:
     """Checks a cache directory against its manifest; returns the manifest.
 
     Raises CacheError (naming the file and field) for a missing, truncated or corrupt shard
-    (sha256 or record-count mismatch, unreadable ArrayRecord), shard files the manifest does not
-    list, or vocab sizes other than `expected_vocab_sizes`. `check_records` also decodes every
-    record and checks its shape and id ranges (reads the whole cache).
+    (size, sha256 or record-count mismatch, unreadable ArrayRecord), shard files the manifest
+    does not list, or vocab sizes other than `expected_vocab_sizes`. `check_hashes=False` skips
+    hashing (what training does at start: shards were hashed when written, and
+    `lime-jax verify-cache` hashes them again). `check_records` also decodes every record and
+    checks its shape and id ranges (reads the whole cache).
     """
     manifest = load_manifest(out_dir)
     mpath = os.path.join(out_dir, MANIFEST_NAME)
     if expected_vocab_sizes is not None:
         check_vocab_sizes(out_dir, manifest, expected_vocab_sizes)
-    listed = {s["path"] for s in manifest["shards"]}
-    stray = sorted(n for n in os.listdir(out_dir) if _SHARD_RE.match(n) and n not in listed)
+    stray = stray_shards(out_dir, manifest)
     if stray:
         raise CacheError(f"{mpath}: field 'shards': does not list {stray} found in {out_dir} "
                          "(manifest and shards come from different runs?)")
     features = manifest["features"]
     num_features = len(features)
     sizes = np.array([manifest["vocab_sizes"][f] for f in features], np.int64)[:, None]
-    for i, entry in enumerate(manifest["shards"]):
-        path = os.path.join(out_dir, entry["path"])
-        if not os.path.isfile(path):
-            raise CacheError(f"{path}: shard listed in {mpath} (shards[{i}]) is missing")
-        if check_hashes:
-            digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                raise CacheError(f"{path}: sha256 {digest[:12]}... does not match manifest "
-                                 f"field 'shards[{i}].sha256' {entry['sha256'][:12]}... "
-                                 "(truncated, corrupt or rewritten shard)")
+    for i, path in enumerate(shard_paths(out_dir, manifest)):
+        problem = check_shard(out_dir, manifest, i, check_hash=check_hashes)
+        if problem is not None:
+            raise CacheError(problem)
+        if not check_records or not manifest["shards"][i]["num_records"]:
+            continue
         reader = open_reader(path)
         try:
-            n = reader.num_records()
-            if n != entry["num_records"]:
-                raise CacheError(f"{path}: holds {n} records, manifest field "
-                                 f"'shards[{i}].num_records' says {entry['num_records']}")
-            if check_records and n:
-                try:
-                    records = reader.read_all()
-                except RuntimeError as e:
-                    raise CacheError(f"{path}: corrupt ArrayRecord data ({e})") from None
-                for j, rec in enumerate(records):
-                    doc = read_document(rec, num_features, f"{path}: record {j}")
-                    bad = (doc <= 0) | (doc >= sizes)
-                    if bad.any():
-                        f = int(np.nonzero(bad.any(axis=1))[0][0])
-                        raise CacheError(f"{path}: record {j}, feature {features[f]!r}: ids "
-                                         f"must be in [1, {int(sizes[f, 0])})")
+            records = reader.read_all()
+        except RuntimeError as e:
+            raise CacheError(f"{path}: corrupt ArrayRecord data ({e})") from None
         finally:
             reader.close()
+        for j, rec in enumerate(records):
+            doc = read_document(rec, num_features, f"{path}: record {j}")
+            bad = (doc <= 0) | (doc >= sizes)
+            if bad.any():
+                f = int(np.nonzero(bad.any(axis=1))[0][0])
+                raise CacheError(f"{path}: record {j}, feature {features[f]!r}: ids "
+                                 f"must be in [1, {int(sizes[f, 0])})")
     return manifest
 
 

@@ -1,7 +1,7 @@
 """Grain input pipeline over a lime_jax cache: shuffle, per-process shard, pack, batch.
 
     ds = build_dataset(cache_dir, seq_len=512, batch_size=8, shift=0, seed=0)
-    it = iter(ds)           # a grain DatasetIterator; its state goes into Orbax checkpoints
+    it = iter(ds)           # a grain DatasetIterator; trainer.data_state checkpoints its state
     batch = next(it)        # dict of int32 [batch_size, seq_len], the batch contract's keys
 
 Stages (each document is one ArrayRecord record, docs/architecture.md):
@@ -93,7 +93,6 @@ def build_dataset(
     tags: Sequence[str] | None = None,
     heads: Sequence[tuple[str, int]] = (),
     expected_vocab_sizes: Mapping[str, int] | None = None,
-    check_hashes: bool = True,
     num_packing_bins: int | None = None,
 ) -> grain.IterDataset:
     """A Grain IterDataset of packed batches (dict of int32 [batch_size, seq_len]).
@@ -116,14 +115,16 @@ def build_dataset(
         `decoder_target_<name>_ahead<k>`.
       expected_vocab_sizes: `{feature: size}` the config asks for; a cache built with other
         sizes raises CacheError before any batch.
-      check_hashes: verify every shard's sha256 against the manifest first.
       num_packing_bins: first-fit bins (more bins: less padding); default max(batch_size, 32).
+
+    The manifest, each shard's size and record count are checked first; shards are not hashed
+    (annotation hashed them once; `lime-jax verify-cache` checks the hashes).
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
-    manifest = cache.verify_cache(cache_dir, expected_vocab_sizes, check_hashes=check_hashes)
+    manifest = cache.verify_cache(cache_dir, expected_vocab_sizes, check_hashes=False)
     features = manifest["features"]
     available = tag_feature_names(manifest)
     tag_names = tuple(available if tags is None else tags)
@@ -189,17 +190,3 @@ def pack_and_batch(pieces: grain.IterDataset, seq_len: int, batch_size: int,
         batched = packed.batch(batch_size, drop_remainder=True)
     return batched.map(functools.partial(_to_contract, tag_names=tuple(tag_names),
                                          head_features=tuple(head_features)))
-
-
-def checkpoint_save_args(iterator):
-    """Orbax args that save a grain iterator's state (one JSON file per process)."""
-    import grain.checkpoint as gc  # imports orbax
-
-    return gc.CheckpointSave(iterator)
-
-
-def checkpoint_restore_args(iterator):
-    """Orbax args that restore saved state into `iterator` (a fresh one of the same pipeline)."""
-    import grain.checkpoint as gc
-
-    return gc.CheckpointRestore(iterator)

@@ -15,9 +15,10 @@ same batches as the loader when unshuffled (shuffled, SeqIO's buffer shuffle and
 permutation order documents differently).
 
 The iterator is a grain `DatasetIterator`: its state is JSON and is saved into Orbax
-checkpoints by the same handler as the loader's (`loader.checkpoint_save_args`). tf.data cannot
-export its position as JSON, so the state counts the examples read and a restore rebuilds the
-deterministic SeqIO pipeline and skips that many (a resume re-reads them).
+checkpoints by the same handler as the loader's (`trainer.data_state`, as the one data shard of
+this process: a resume needs the same process count). tf.data cannot export its position as
+JSON, so the state counts the examples read and a restore rebuilds the deterministic SeqIO
+pipeline and skips that many (a resume re-reads them).
 
 Imports seqio/TensorFlow when called; nothing here runs on the cache-only training path.
 """

@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 from lime_jax.annotation import tag_sources
 from lime_jax.annotation.retag import retag_documents
@@ -126,7 +127,13 @@ def bucket_accuracy(hits: Sequence[bool], buckets: Sequence) -> dict:
 
 
 class Scorer:
-    """Jitted teacher-forced forward: per-position negative log-likelihood and argmax hits."""
+    """Jitted teacher-forced forward: per-position negative log-likelihood and argmax hits.
+
+    The model is split once; its parameters stay where `model_dir.load` put them (sharded on the
+    run's mesh). Each batch of `batch_rows` rows goes to the devices explicitly, where
+    `LoadedModel.placement` says (split over the rules' batch axes where they divide it), runs
+    under that mesh, and only the per-position results come back.
+    """
 
     def __init__(self, loaded, batch_rows: int = 16):
         import jax
@@ -135,8 +142,8 @@ class Scorer:
 
         self.loaded, self.rows = loaded, batch_rows
         self.names = loaded.cfg.metadata_names
-        graphdef, state = nnx.split(loaded.model)
-        self._state = state
+        self._placement = loaded.placement(batch_rows)
+        graphdef, self._state = nnx.split(self._placement.model)
 
         def fwd(state, batch):
             model = nnx.merge(graphdef, state)
@@ -147,7 +154,7 @@ class Scorer:
             return (logz_BxL - tgt_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"],
                     {h: jnp.argmax(v[..., 1:], axis=-1) + 1 for h, v in heads.items()})  # PAD: no tag
 
-        self._fwd = jax.jit(fwd)
+        self._fwd = jax.jit(fwd, out_shardings=self._placement.batch_sharding)
 
     def score(self, rows: Sequence[dict], length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Rows (dicts of 1-D arrays `tokens`, `targets`, `segments`, `positions` and one per
@@ -158,6 +165,8 @@ class Scorer:
     def score_with_heads(self, rows: Sequence[dict], length: int):
         """`score` plus, per row, {head id: hits [m]} of each tag head against the row's
         `head:<id>` targets (PAD targets excluded)."""
+        import jax
+
         from lime_jax.inference.self_tags import head_hits
 
         keys = ("tokens", "targets", "segments", "positions", *self.names)
@@ -167,8 +176,9 @@ class Scorer:
             for r, row in enumerate(chunk):
                 for k in keys:
                     batch[k][r, :len(row[k])] = row[k]
-            nll, hits, heads = self._fwd(self._state, batch)
-            nll, hits, heads = np.asarray(nll), np.asarray(hits), {h: np.asarray(v) for h, v in heads.items()}
+            with jax.set_mesh(self._placement.mesh):
+                out = self._fwd(self._state, jax.device_put(batch, self._placement.batch_sharding))
+            nll, hits, heads = jax.device_get(out)
             for r, row in enumerate(chunk):
                 n = len(row["targets"])
                 yield nll[r, :n], hits[r, :n], head_hits({h: v[r, :n] for h, v in heads.items()}, row)
@@ -349,14 +359,13 @@ def eval_addition(loaded, n: int, max_digits: int, batch_rows: int = 32, tag_fn=
     from lime_jax.data import synthetic
     from lime_jax.inference import self_tags
     from lime_jax.inference.generate import decode_batch, make_retagger, oracle_guide, tag_rows
-    from lime_jax.model.decode import IncrementalDecoder
 
     examples = synthetic.addition_examples(n, seed=TEST_SEED, max_digits=max_digits)
     rows = tag_rows(loaded)
     prompt_feats, split = _prompt_and_answers(loaded, examples, "answer")
     if tag_fn is not None:
         tag_sources.write_tags(tag_fn([f[0] for f in prompt_feats]), prompt_feats)
-    inc = inc or IncrementalDecoder(loaded.model)
+    inc = inc or loaded.decoder
     tok = loaded.tokenizer
     lime = loaded.cfg.metadata and loaded.shift < 1
     out = {"n": len(examples), "max_digits": max_digits, "modes": {}}
@@ -480,9 +489,7 @@ def evaluate(loaded, tasks: Sequence[str] = TASKS, *, eval_cache_dir: str | None
             raise ValueError(f"tag source {tags}: pass the loaded tagger")
         tag_fn = tag_sources.tag_function(tags, loaded.tokenizer, loaded.processor.annotator, tagger=tagger,
                                           max_pieces=max(tag_sources.DEFAULT_MAX_PIECES, loaded.run.seq_len))
-    from lime_jax.model.decode import IncrementalDecoder
-
-    scorer, inc = Scorer(loaded, batch_rows), IncrementalDecoder(loaded.model)
+    scorer, inc = Scorer(loaded, batch_rows), loaded.decoder
     res = {"model_dir": loaded.run.model_dir, "step": loaded.step, "arm": loaded.run.arm,
            "shift": loaded.shift, "tokens_per_step": loaded.run.tokens_per_step,
            "tokens_seen": loaded.step * loaded.run.tokens_per_step, "modes": _modes(loaded),
@@ -521,16 +528,16 @@ def results_path(model_dir: str, tag_source: str = "oracle") -> str:
     """`eval_results.json` for oracle tags, `eval_results_<source kind>.json` for an honest source,
     so evaluations with different tags sit side by side (the report reads them all)."""
     kind = tag_source.split(":", 1)[0]
-    return os.path.join(model_dir, RESULTS_NAME if kind == "oracle" else f"eval_results_{kind}.json")
+    return str(epath.Path(model_dir) / (RESULTS_NAME if kind == "oracle" else f"eval_results_{kind}.json"))
 
 
 def write_results(model_dir: str, res: dict) -> str:
-    path = results_path(model_dir, res.get("tag_source", "oracle"))
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    """Writes `res` beside the run through a temporary file renamed into place (local or gs://)."""
+    path = epath.Path(results_path(model_dir, res.get("tag_source", "oracle")))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return str(path)
 
 
 def summary_lines(res: dict) -> list[str]:

@@ -18,6 +18,8 @@ smaller scale comes back on the float grid near 1 (at most 2^-24 off in [-1, 0.5
 `norm_roundtrip_error` measures it; `lime-jax export` prints it.
 
 Parameters are flat dicts keyed by the NNX path joined with "/" (`blocks/0/attn/wq`), values numpy.
+A `scan_layers` model stacks its blocks (`blocks/attn/wq` [n_layers, ...]); `flat_params` gives
+per-layer keys for either layout and `stack_layers` turns them into the stacked one.
 """
 from __future__ import annotations
 
@@ -42,10 +44,28 @@ class HFError(ValueError):
 
 
 def flat_params(state) -> dict[str, np.ndarray]:
-    """An NNX param state -> `{"blocks/0/attn/wq": array, ...}` (host numpy)."""
+    """An NNX param state -> `{"blocks/0/attn/wq": array, ...}` (host numpy), per layer also
+    for stacked (`scan_layers`) blocks."""
     from flax import nnx
 
-    return {"/".join(str(k) for k in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+    out = {}
+    for path, v in nnx.to_flat_state(state):
+        value = np.asarray(v.get_value())
+        if path[0] == "blocks" and not isinstance(path[1], int):  # stacked: [n_layers, ...]
+            rest = "/".join(str(k) for k in path[1:])
+            out.update({f"blocks/{i}/{rest}": layer for i, layer in enumerate(value)})
+        else:
+            out["/".join(str(k) for k in path)] = value
+    return out
+
+
+def stack_layers(params: Mapping[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    """Per-layer keys (`blocks/{i}/...`) -> the `scan_layers` layout (`blocks/...` [n_layers, ...])."""
+    out = {k: v for k, v in params.items() if not k.startswith("blocks/")}
+    rests = sorted({k.split("/", 2)[2] for k in params if k.startswith("blocks/")})
+    for rest in rests:
+        out[f"blocks/{rest}"] = np.stack([params[f"blocks/{i}/{rest}"] for i in range(n_layers)])
+    return out
 
 
 def hf_config(cfg, max_position_embeddings: int) -> dict:

@@ -52,6 +52,8 @@ def _apply(hf_dir: str, cfg, state, tx):
         flat = load_params(hf_dir, cfg)
     except gemma.HFError as e:
         raise ConfigError(f"INIT_FROM_HF: {e}") from None
+    if cfg.scan_layers:
+        flat = gemma.stack_layers(flat, cfg.n_layers)
 
     kept = []
 

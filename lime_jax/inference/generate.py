@@ -35,6 +35,7 @@ LIME+1 prompt tags come from annotating the prompt (with `--guide-from`, prompt 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 
@@ -112,6 +113,95 @@ def oracle_guide(continuation_KxG: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- decoding loop
 
 
+class ShardedDecoder:
+    """`IncrementalDecoder`'s interface (`init_cache`, `extend`, `sample`) with explicit placement.
+
+    `placement_for(B)` (`model_dir.LoadedModel.placement`) says where a batch of B rows runs:
+    its decoder (over parameters that stay on the devices, jitted once per shape; its KV cache
+    sharded on the same mesh, `placed_decoder`), the mesh every call runs under, and where batch
+    inputs (batch dim first) go. Host arrays reach the devices by `jax.device_put` only,
+    sampling keys replicated, so after set-up a decoding step moves its inputs in and its
+    results out, nothing else. `as_sharded` wraps a bare decoder.
+    """
+
+    def __init__(self, cfg, placement_for: Callable[[int], object]):
+        self.cfg, self.placement_for = cfg, placement_for
+
+    @staticmethod
+    def _on_mesh(placement):
+        import contextlib
+
+        import jax
+
+        return contextlib.nullcontext() if placement.mesh is None else jax.set_mesh(placement.mesh)
+
+    def put(self, tree, batch: int):
+        """Host arrays (or trees of them) whose leading dim is `batch` rows -> the devices."""
+        import jax
+
+        return jax.device_put(tree, self.placement_for(batch).batch_sharding)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        return self.placement_for(batch_size).decoder.init_cache(batch_size, max_len)
+
+    def extend(self, cache, tokens_BxT, metadata=None, valid_BxT=None, heads: bool = False):
+        batch = tokens_BxT.shape[0]
+        placement = self.placement_for(batch)
+        tokens_BxT, metadata, valid_BxT = self.put((tokens_BxT, dict(metadata or {}), valid_BxT), batch)
+        with self._on_mesh(placement):
+            return placement.decoder.extend(cache, tokens_BxT, metadata, valid_BxT, heads=heads)
+
+    def sample(self, logits_BxV, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        placement = self.placement_for(logits_BxV.shape[0])
+        key = jax.device_put(key, None if placement.mesh is None else NamedSharding(placement.mesh, PartitionSpec()))
+        with self._on_mesh(placement):
+            return placement.decoder.sample(logits_BxV, key, temperature, top_k, top_p)
+
+
+def placed_decoder(model, mesh):
+    """An `IncrementalDecoder` of `model` (its parameters on `mesh`) whose KV cache is made in
+    its shards on `mesh` (`decode.cache_shardings` by the model's rules: batch and KV heads split
+    as the activations are, not a copy per device) and leaves every `extend` sharded as it came
+    in: XLA writes a donated cache in place only into an output sharded alike."""
+    return _placed_decoder_class()(model, mesh)
+
+
+@functools.cache
+def _placed_decoder_class():
+    # Built on first use: this module imports jax only when it decodes (the CLI starts without it).
+    import jax
+
+    from lime_jax.model import decode
+
+    class PlacedDecoder(decode.IncrementalDecoder):
+        def __init__(self, model, mesh):
+            super().__init__(model)
+            self.mesh, self.rules = mesh, model.rules
+
+        def init_cache(self, batch_size: int, max_len: int) -> dict:
+            return decode.init_cache(self.cfg, batch_size, max_len, mesh=self.mesh, rules=self.rules)
+
+        def _extend_fn(self, state, cache, *args, **kwargs):
+            *out, new_cache = super()._extend_fn(state, cache, *args, **kwargs)
+            shardings = decode.cache_shardings(self.cfg, *cache["valid"].shape, self.mesh, self.rules)
+            return (*out, jax.lax.with_sharding_constraint(new_cache, shardings))  # = out_shardings
+
+    return PlacedDecoder
+
+
+def as_sharded(inc) -> ShardedDecoder:
+    """`inc` itself, or a bare IncrementalDecoder wrapped (no mesh: the default device)."""
+    from lime_jax.inference.model_dir import Placement
+
+    if isinstance(inc, ShardedDecoder):
+        return inc
+    placement = Placement(model=None, decoder=inc)
+    return ShardedDecoder(inc.cfg, lambda batch: placement)
+
+
 @dataclasses.dataclass
 class Decoded:
     ids: list[int]  # generated ids, EOS excluded
@@ -144,9 +234,14 @@ def decode_batch(
     for shift <= 0 from the forecast when `forecast_heads` is given (`self_tags.forecast_heads`),
     else from `retag(sequences)` (tags of every token of each sequence). `Decoded.tags` holds,
     per generated token, the tags that stand for it: the ones the model was fed for it.
+    `inc`: a ShardedDecoder (`LoadedModel.decoder`) or an IncrementalDecoder; each step moves
+    its new tokens and tags to the devices and the sampled ids (and forecasts) back, explicitly.
     """
+    import jax
+
     from lime_jax.inference import self_tags
 
+    inc = as_sharded(inc)
     cfg = inc.cfg
     names = cfg.metadata_names
     K, B = len(names), len(prompts)
@@ -197,19 +292,17 @@ def decode_batch(
         """Stores the forecast made at every position fed: tags of t_{fed + 1 + shift}."""
         if not forecasting:
             return
+        fc_KxBxT = self_tags.forecast_all(head_logits, forecast_heads, B)
         for c in range(len(fed_index_BxT[0])):
-            fc_KxB = self_tags.forecast({h: v[:, c:c + 1] for h, v in head_logits.items()}, forecast_heads, B)
             for b in range(B):
                 k = fed_index_BxT[b][c]
                 if k is not None and k + 1 + shift > 0:
-                    forecasts[b][k + 1 + shift] = fc_KxB[:, b]
+                    forecasts[b][k + 1 + shift] = fc_KxBxT[:, b, c]
 
     def run(cache, tokens_BxT, meta_KxBxT, valid_BxT=None):
         out = inc.extend(cache, tokens_BxT, {name: meta_KxBxT[k] for k, name in enumerate(names)}, valid_BxT,
                          heads=forecasting)
         return out if forecasting else (out[0], {}, out[1])
-
-    import jax
 
     cache = inc.init_cache(B, P + max_new)
     tokens = np.zeros((B, P), np.int32)
@@ -234,7 +327,8 @@ def decode_batch(
     done = np.zeros(B, bool)
     for step in range(max_new):
         key, sub = jax.random.split(key)
-        next_ids = np.asarray(inc.sample(logits[:, -1], sub, temperature, top_k, top_p))
+        last_BxV = jax.lax.index_in_dim(logits, -1, axis=1, keepdims=False)
+        next_ids = jax.device_get(inc.sample(last_BxV, sub, temperature, top_k, top_p))
         for b in range(B):
             if done[b]:
                 continue
@@ -340,7 +434,6 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
       tags are forecast too (no spaCy).
     """
     from lime_jax.inference import self_tags
-    from lime_jax.model.decode import IncrementalDecoder
 
     cfg, shift = loaded.cfg, loaded.shift
     names = cfg.metadata_names
@@ -413,10 +506,9 @@ def generate(loaded, prompt: str, *, max_new: int | None = None, guide: str | No
                          "not be longer than the generation (give a larger --max-new or a shorter guide)")
     if prompt_feats.shape[1] == 0:
         raise ValueError("the prompt tokenizes to no pieces")
-    inc = IncrementalDecoder(loaded.model)
     retag = make_retagger(loaded, tagger if kind == "tagger" else None) if names and shift < 1 and kind != "self" else None
-    out = decode_batch(inc, shift, [prompt_feats[0]], [None if kind == "self" else prompt_feats[rows]], max_new,
-                       guides=[guide_ids], retag=retag, forecast_heads=forecast,
+    out = decode_batch(loaded.decoder, shift, [prompt_feats[0]], [None if kind == "self" else prompt_feats[rows]],
+                       max_new, guides=[guide_ids], retag=retag, forecast_heads=forecast,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)[0]
     tok = loaded.tokenizer
     tag_names = [{name: loaded.vocabs[name].tag(int(out.tags[k, j])) for k, name in enumerate(names)}

@@ -42,26 +42,42 @@ def first_tags(shift: int, num_tables: int) -> np.ndarray:
     return np.full((num_tables,), NONE_ID if shift <= 0 else PAD_ID, np.int32)
 
 
+def _forecast_KxBxT(head_logits, heads: Sequence[str | None], batch: int, xp=np):
+    """int32 [K, B, T] tags of every position's head logits ([B, T, tags]; at least one head),
+    by numpy or, traced, by jax.numpy (`xp`): PAD is never forecast (it means "no metadata"),
+    and tables without a head get PAD."""
+    pad_BxT = xp.full((batch, next(iter(head_logits.values())).shape[1]), PAD_ID, xp.int32)
+    return xp.stack([pad_BxT if hid is None else
+                     (xp.argmax(head_logits[hid][..., PAD_ID + 1:], axis=-1) + PAD_ID + 1).astype(xp.int32)
+                     for hid in heads])
+
+
+def forecast_all(head_logits: Mapping[str, np.ndarray], heads: Sequence[str | None], batch: int) -> np.ndarray:
+    """int32 [K, B, T] tags forecast at every position of head logits [B, T, tags] (device or
+    host arrays; the logits of the heads in use come to the host, explicitly)."""
+    import jax
+
+    return _forecast_KxBxT(jax.device_get({hid: head_logits[hid] for hid in heads if hid is not None}),
+                           heads, batch)
+
+
 def forecast(head_logits: Mapping[str, np.ndarray], heads: Sequence[str | None], batch: int) -> np.ndarray:
-    """int32 [K, B] tags from the last position's head logits ([B, T, tags]); PAD is never
-    forecast (it means "no metadata"), and tables without a head get PAD."""
-    out = np.full((len(heads), batch), PAD_ID, np.int32)
-    for k, hid in enumerate(heads):
-        if hid is not None:
-            out[k] = np.argmax(np.asarray(head_logits[hid])[:, -1, PAD_ID + 1:], axis=-1) + PAD_ID + 1
-    return out
+    """int32 [K, B] tags from the last position's head logits ([B, T, tags])."""
+    return forecast_all(head_logits, heads, batch)[:, :, -1]
 
 
 @functools.cache
-def _nll_and_hit():
-    """One jitted (nll [B], hit [B]) of a step's logits [B, 1, V], compiled once per shape."""
+def _scored_step(heads: tuple[str | None, ...], batch: int):
+    """One jitted step result, compiled once per shape: (nll [B], hit [B], forecast [K, B]) of a
+    step's logits [B, 1, V], head logits and targets [B]."""
     import jax
     import jax.numpy as jnp
 
-    def fn(logits_Bx1xV, targets_B):
+    def fn(logits_Bx1xV, head_logits, targets_B):
         logits_BxV = logits_Bx1xV[:, 0]
         target_B = jnp.take_along_axis(logits_BxV, targets_B[:, None], -1)[:, 0]
-        return jax.nn.logsumexp(logits_BxV, -1) - target_B, jnp.argmax(logits_BxV, -1) == targets_B
+        return (jax.nn.logsumexp(logits_BxV, -1) - target_B, jnp.argmax(logits_BxV, -1) == targets_B,
+                _forecast_KxBxT(head_logits, heads, batch, jnp)[:, :, -1])
 
     return jax.jit(fn)
 
@@ -73,13 +89,18 @@ def score_self(inc, shift: int, rows: Sequence[dict], length: int, batch_rows: i
 
     Rows hold `tokens` and `targets` ([n], n <= length, one segment from position 0) and
     optional `head:<id>` targets. Positions run one at a time through the KV cache, each fed the
-    forecast of the one before.
+    forecast of the one before. `inc`: a ShardedDecoder (`LoadedModel.decoder`) or an
+    IncrementalDecoder; each step moves its token, tags and target in and (nll, hit, forecast) out.
     """
-    import jax.numpy as jnp
+    import jax
 
+    from lime_jax.inference.generate import as_sharded
+
+    inc = as_sharded(inc)
     cfg = inc.cfg
     names = cfg.metadata_names
     heads = require_forecast(cfg, shift, "the model")
+    used = [hid for hid in heads if hid is not None]
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
         B = len(chunk)
@@ -90,16 +111,17 @@ def score_self(inc, shift: int, rows: Sequence[dict], length: int, batch_rows: i
         cache = inc.init_cache(B, length)
         nll, hits = np.zeros((B, length), np.float32), np.zeros((B, length), bool)
         fed = np.zeros((len(names), B, length), np.int32)
-        predicted = {hid: np.zeros((B, length), np.int32) for hid in heads if hid is not None}
+        predicted = {hid: np.zeros((B, length), np.int32) for hid in used}
         tags_KxB = np.repeat(first_tags(shift, len(names))[:, None], B, axis=1)
         for j in range(max(len(r["tokens"]) for r in chunk)):
             fed[:, :, j] = tags_KxB
             logits, head_logits, cache = inc.extend(
                 cache, tokens[:, j:j + 1], {n: tags_KxB[k][:, None] for k, n in enumerate(names)}, heads=True)
-            step_nll, step_hits = _nll_and_hit()(logits, jnp.asarray(targets[:, j]))
-            nll[:, j], hits[:, j] = np.asarray(step_nll), np.asarray(step_hits)
+            step = _scored_step(tuple(heads), B)(logits, {h: head_logits[h] for h in used},
+                                                 inc.put(targets[:, j], B))
+            nll[:, j], hits[:, j], forecast_KxB = jax.device_get(step)
             # Where t_{j+1+shift} is BOS or earlier (shift < 0), its tags are NONE, as in training.
-            tags_KxB = forecast(head_logits, heads, B) if j + 1 + shift > 0 else first_tags(shift, len(names))[:, None]
+            tags_KxB = forecast_KxB if j + 1 + shift > 0 else first_tags(shift, len(names))[:, None]
             tags_KxB = np.broadcast_to(tags_KxB, (len(names), B)).copy()
             for hid in predicted:
                 predicted[hid][:, j] = tags_KxB[heads.index(hid)]

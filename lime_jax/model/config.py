@@ -66,7 +66,7 @@ class ModelConfig:
     attention: str = "xla"  # one of ATTENTION_IMPLS
     remat_policy: str = "none"  # one of REMAT_POLICIES
     scan_layers: bool = False  # params stacked on a leading `layers` axis, one jax.lax.scan
-    loss_chunk_size: int = 0  # > 0: cross entropy over chunks of this many tokens (no full f32 logits)
+    loss_chunk_size: int = 0  # > 0: cross entropy over chunks of this many positions per row (no full f32 logits)
     gather_params_in_compute_dtype: bool = False  # cast params to `dtype` before FSDP all-gathers
 
     def __post_init__(self):

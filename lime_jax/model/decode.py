@@ -1,4 +1,4 @@
-"""Incremental decoding with a KV cache under `jax.jit`, built from the Decoder's submodules.
+"""Incremental decoding with a KV cache under `jax.jit`, through the Decoder's own layer code.
 
     inc = IncrementalDecoder(model)
     cache = inc.init_cache(batch_size=2, max_len=64)
@@ -10,6 +10,10 @@
 what `Decoder.__call__` computes for those positions given everything before them. Prompts of
 different lengths are left-padded: `valid_BxT` is False on padding, which is never attended to
 and does not advance a row's RoPE position, so each row sees positions 0, 1, ... as in training.
+The layers are `decoder.apply_blocks` with a `decoder.KVCache`: each layer writes its k/v into
+the donated [n_layers, B, S, K, H] cache in place (stacked `scan_layers` params too). After
+`init_cache`, `extend` moves nothing between host and device: the cache keeps its fill level
+on the host too, and tokens, metadata and `valid` may be device arrays.
 
 Sampling (`sample`): greedy (temperature 0), temperature, top-k and top-p (nucleus).
 """
@@ -21,33 +25,63 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+
+from lime_jax.model import decoder, sharding
+
+_HOST_INDEX = "host_index"  # the cache's fill level as a Python int (never passed to jit)
+# Logical axes of the cache arrays. Layers and slots stay whole: each step writes and reads them
+# at a dynamic index.
+CACHE_AXES = {"k": (None, "batch", None, "heads", "kv"), "v": (None, "batch", None, "heads", "kv"),
+              "valid": ("batch", None), "index": (), "pos": ("batch",)}
 
 
-def init_cache(cfg, batch_size: int, max_len: int) -> dict[str, jax.Array]:
+def _cache_arrays(cfg, batch_size: int, max_len: int) -> dict[str, tuple]:
+    """name -> (shape, dtype) of each cache array."""
+    kv = ((cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim), cfg.jnp_dtype)
+    return {"k": kv, "v": kv, "valid": ((batch_size, max_len), jnp.bool_), "index": ((), jnp.int32),
+            "pos": ((batch_size,), jnp.int32)}
+
+
+def cache_shardings(cfg, batch_size: int, max_len: int, mesh: jax.sharding.Mesh,
+                    rules: sharding.Rules | None = None) -> dict[str, NamedSharding]:
+    """Where each cache array lives on `mesh`: by `rules` (`CACHE_AXES`; k/v heads are the KV
+    heads), each dim whose mesh axes do not divide it (a batch too small to split, KV heads
+    fewer than the tensor devices) left whole on that dim."""
+    rules = sharding.resolve_rules(rules)
+    out = {}
+    for name, (shape, _) in _cache_arrays(cfg, batch_size, max_len).items():
+        axes = tuple(a if a is None or shape[i] % sharding.axis_size(mesh, rules, a) == 0 else None
+                     for i, a in enumerate(CACHE_AXES[name]))
+        out[name] = NamedSharding(mesh, sharding.logical_to_pspec(axes, rules, shape, mesh))
+    return out
+
+
+def init_cache(cfg, batch_size: int, max_len: int, *, mesh: jax.sharding.Mesh | None = None,
+               rules: sharding.Rules | None = None) -> dict:
     """An empty cache for `max_len` positions (prompt, padding and new tokens together).
 
     k/v: [n_layers, B, S, K, H] in the compute dtype; `valid` [B, S] marks written non-padding
-    slots; `index` is the next slot to write; `pos` [B] the next RoPE position per row.
+    slots; `index` is the next slot to write (on device; `host_index` on the host); `pos` [B]
+    the next RoPE position per row. With `mesh`, each array is created in its shards there
+    (`cache_shardings` by `rules`); else on the default device.
     """
-    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    return {
-        "k": jnp.zeros(shape, cfg.jnp_dtype),
-        "v": jnp.zeros(shape, cfg.jnp_dtype),
-        "valid": jnp.zeros((batch_size, max_len), bool),
-        "index": jnp.zeros((), jnp.int32),
-        "pos": jnp.zeros((batch_size,), jnp.int32),
-    }
+    where = (dict.fromkeys(CACHE_AXES) if mesh is None
+             else cache_shardings(cfg, batch_size, max_len, mesh, rules))
+    arrays = _cache_arrays(cfg, batch_size, max_len)
+    return {**{name: jnp.zeros(shape, dtype, device=where[name]) for name, (shape, dtype) in arrays.items()},
+            _HOST_INDEX: 0}
 
 
 def extend(model, cache: dict[str, jax.Array], tokens_BxT: jax.Array, metadata: Mapping[str, jax.Array],
-           valid_BxT: jax.Array, heads: bool = False):
-    """Runs T new positions through `model` (a Decoder) against the cache; returns (logits, cache),
-    or (logits, tag-head logits {head id: [B, T, tags]}, cache) when `heads`."""
-    dt = model.cfg.jnp_dtype
+           valid_BxT: jax.Array | None, heads: bool = False):
+    """Runs T new positions through `model` (a Decoder) against the cache (its device arrays);
+    returns (logits, cache), or (logits, tag-head logits {head id: [B, T, tags]}, cache) when
+    `heads`. `valid_BxT` None: every new position is a token."""
     B, T = tokens_BxT.shape
     S = cache["valid"].shape[1]
     start = cache["index"]
-    valid_BxT = valid_BxT.astype(bool)
+    valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
     steps_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1)
     positions_BxT = jnp.where(valid_BxT, cache["pos"][:, None] + steps_BxT - 1, 0)
 
@@ -57,20 +91,12 @@ def extend(model, cache: dict[str, jax.Array], tokens_BxT: jax.Array, metadata: 
     mask_Bx1x1xTxS = (key_valid_BxS[:, None, :] & causal_TxS[None])[:, None, None]
 
     x_BxTxD = model.embed(tokens_BxT, metadata)
-    ks, vs = [], []
-    for layer, block in enumerate(model.blocks):
-        q, k, v = block.attn.project_qkv(block.attn_norm(x_BxTxD), positions_BxT)
-        k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"][layer], k.astype(dt), (0, start, 0, 0))
-        v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"][layer], v.astype(dt), (0, start, 0, 0))
-        ks.append(k_BxSxKxH)
-        vs.append(v_BxSxKxH)
-        o_BxTxNxH = block.attn.attend(q, k_BxSxKxH, v_BxSxKxH, mask_Bx1x1xTxS)
-        x_BxTxD = x_BxTxD + jnp.einsum("blnh,nhd->bld", o_BxTxNxH, block.attn.wo[...].astype(dt))
-        x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
+    kv = decoder.KVCache(cache["k"], cache["v"], mask_Bx1x1xTxS, start)
+    x_BxTxD, kv = decoder.apply_blocks(model.blocks, model.cfg, model.rules, x_BxTxD, positions_BxT, cache=kv)
     x_BxTxD = model.final_norm(x_BxTxD)
     logits_BxTxV = model.lm_logits(x_BxTxD).astype(jnp.float32)
     new_cache = {
-        "k": jnp.stack(ks), "v": jnp.stack(vs), "valid": key_valid_BxS,
+        "k": kv.k_YxBxSxKxH, "v": kv.v_YxBxSxKxH, "valid": key_valid_BxS,
         "index": start + T, "pos": cache["pos"] + steps_BxT[:, -1],
     }
     if heads:
@@ -115,20 +141,23 @@ class IncrementalDecoder:
     def _extend_fn(self, state, cache, tokens_BxT, metadata, valid_BxT, heads=False):
         return extend(nnx.merge(self.graphdef, state), cache, tokens_BxT, metadata, valid_BxT, heads)
 
-    def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
         return init_cache(self.cfg, batch_size, max_len)
 
     def extend(self, cache, tokens_BxT, metadata: Mapping[str, jax.Array] | None = None, valid_BxT=None,
                heads: bool = False):
+        """`extend` above, jitted with the cache donated; device arrays in, device arrays out."""
         tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
         if tokens_BxT.ndim != 2 or tokens_BxT.shape[0] != cache["valid"].shape[0]:
             raise ValueError(f"tokens: expected [batch={cache['valid'].shape[0]}, T], got {tokens_BxT.shape}")
-        if int(cache["index"]) + tokens_BxT.shape[1] > cache["valid"].shape[1]:
-            raise ValueError(f"KV cache full: {int(cache['index'])} + {tokens_BxT.shape[1]} positions > "
-                             f"max_len {cache['valid'].shape[1]}")
-        valid_BxT = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
+        used, T = cache[_HOST_INDEX], tokens_BxT.shape[1]
+        if used + T > cache["valid"].shape[1]:
+            raise ValueError(f"KV cache full: {used} + {T} positions > max_len {cache['valid'].shape[1]}")
+        valid_BxT = None if valid_BxT is None else jnp.asarray(valid_BxT, bool)
         metadata = {k: jnp.asarray(v, jnp.int32) for k, v in (metadata or {}).items()}
-        return self._extend(self.state, cache, tokens_BxT, metadata, valid_BxT, heads=heads)
+        on_device = {k: v for k, v in cache.items() if k != _HOST_INDEX}
+        *out, new_cache = self._extend(self.state, on_device, tokens_BxT, metadata, valid_BxT, heads=heads)
+        return (*out, {**new_cache, _HOST_INDEX: used + T})
 
     @functools.wraps(sample)
     def sample(self, logits_BxV, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):

@@ -6,6 +6,7 @@ neither), and `decoder_input_<name>` for each metadata table of the model config
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,6 +62,9 @@ def loss_and_metrics(
     `<head id>/loss`, `<head id>/loss_sum`, `<head id>/num_tags`, `<head id>/num_correct`. The
     returned loss is the objective to differentiate: cross entropy + z-loss term + each head's
     `weight * loss`.
+
+    `ModelConfig.loss_chunk_size > 0` computes the LM head's logits a chunk at a time
+    (`_chunked_token_stats`): the same numbers, without ever holding the f32 [B, L, V] logits.
     """
     for key in _REQUIRED:
         if key not in batch:
@@ -81,24 +85,24 @@ def loss_and_metrics(
                              f"(ModelConfig.tag_heads); batch has {sorted(batch)}")
         check_ids(feature, batch[feature], size, shape=shape, traced=model.cfg.check_ids)
         head_targets[head_id(name, ahead)] = batch[feature]
-    logits_BxLxV, head_logits = model.forward(
-        batch["decoder_input_tokens"], metadata=metadata,
-        segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"))
-
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    nll_BxL, logz_BxL = _token_nll(logits_BxLxV, targets_BxL)
+    x_BxLxD = model.trunk(batch["decoder_input_tokens"], metadata=metadata,
+                          segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("decoder_positions"))
+    head_logits = model.head_logits(x_BxLxD)
+    if model.cfg.loss_chunk_size:
+        nll_BxL, logz_BxL, correct_BxL = _chunked_token_stats(model, x_BxLxD, targets_BxL)
+    else:
+        nll_BxL, logz_BxL, correct_BxL = _lm_token_stats(model, x_BxLxD, targets_BxL)
     ce_sum = jnp.sum(nll_BxL * weights_BxL)
     num_tokens = jnp.sum(weights_BxL)
     denom = jnp.maximum(num_tokens, 1.0)
     ce = ce_sum / denom
     z_term = model.cfg.z_loss * jnp.sum(jnp.square(logz_BxL) * weights_BxL) / denom
-    correct = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
     metrics = {
         "loss": ce,
         "loss_sum": ce_sum,
         "z_loss": z_term,
         "num_tokens": num_tokens,
-        "num_correct": jnp.sum(correct * weights_BxL),
+        "num_correct": jnp.sum(correct_BxL * weights_BxL),
     }
     objective = ce + z_term
     for (_, _, _, weight), (hid, tags_BxL) in zip(model.cfg.tag_heads, head_targets.items()):
@@ -109,6 +113,43 @@ def loss_and_metrics(
                         f"{hid}/num_correct": head_correct})
     metrics["objective"] = objective
     return objective, metrics
+
+
+def _lm_token_stats(model, x_BxLxD: jax.Array, targets_BxL: jax.Array):
+    """(-log p(target), logZ, argmax hit) per position, f32 [B, L], from the LM head's logits."""
+    logits_BxLxV = model.lm_logits(x_BxLxD).astype(jnp.float32)
+    nll_BxL, logz_BxL = _token_nll(logits_BxLxV, targets_BxL)
+    return nll_BxL, logz_BxL, (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+
+
+def _chunked_token_stats(model, x_BxLxD: jax.Array, targets_BxL: jax.Array):
+    """`_lm_token_stats` over chunks of `loss_chunk_size` positions of every row, one chunk's f32
+    [B, C, V] logits alive at a time, in the forward and (rematerialised) in the backward.
+
+    Chunks cut the length, not the flattened B*L tokens: the batch dim keeps its ("data", "fsdp")
+    sharding, so every device computes its own rows' logits with no data movement, whereas a
+    chunk of B*L tokens lies on one device's rows (or straddles two) and the loop would hand it
+    around the mesh. A chunk thus holds B * loss_chunk_size tokens; a tail shorter than a chunk is
+    padded (target 0, a valid id) and its positions are dropped from the outputs. Under data
+    parallelism the backward reduces the LM head's gradient across devices once per chunk (the loop
+    cannot carry an unreduced sum): fewer, longer chunks communicate less.
+    """
+    B, L, D = x_BxLxD.shape
+    C = min(model.cfg.loss_chunk_size, L)
+    K = -(-L // C)
+    pad = K * C - L
+    x_KxBxCxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(B, K, C, D).swapaxes(0, 1)
+    x_KxBxCxD = sharding.constrain(x_KxBxCxD, (None, "batch", "length", None), model.rules)
+    targets_KxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(B, K, C).swapaxes(0, 1)
+
+    # Checkpointed: the backward recomputes a chunk's logits rather than the scan saving every
+    # chunk's softmax (which would be the full [B, L, V] again). No CSE to prevent inside a scan.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_stats(xs):
+        return _lm_token_stats(model, *xs)
+
+    stats_KxBxC = jax.lax.map(chunk_stats, (x_KxBxCxD, targets_KxBxC))
+    return tuple(s.swapaxes(0, 1).reshape(B, K * C)[:, :L] for s in stats_KxBxC)
 
 
 def _token_nll(logits_BxLxC: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv", "tags", "batch", "length", "layers")
@@ -93,14 +94,15 @@ def logical_to_pspec(
 ) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec.
 
-    With `shape` and `mesh`, a mesh axis that does not divide its dim (e.g. 2 KV heads over
-    tensor=4), or that an earlier dim already uses, is dropped for that dim: the array is
-    replicated along it instead of failing. Unknown logical names always raise.
+    With `mesh`, every mesh axis the rules name must exist in it and be used by one dim only;
+    with `shape` too, the mesh axes of each dim must divide it (e.g. 2 KV heads over tensor=4
+    raises). Both raise instead of quietly replicating: a dropped axis would silently change
+    the memory and the collectives of a run. Unknown logical names always raise.
     """
     table = dict(rules)
     if shape is not None and len(shape) != len(logical_axes):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-    used: set[str] = set()
+    owner: dict[str, str] = {}  # mesh axis -> the logical axis that uses it
     spec = []
     for i, name in enumerate(logical_axes):
         if name is None:
@@ -110,21 +112,22 @@ def logical_to_pspec(
             raise ValueError(f"unknown logical axis name {name!r}; known: {LOGICAL_AXES}")
         axes = table.get(name)
         axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        kept = []
         for a in axes_t:
-            if a in used:
-                if mesh is None:
-                    raise ValueError(f"mesh axis {a!r} used twice in logical axes {tuple(logical_axes)}")
-                continue
-            if mesh is not None:
-                if a not in mesh.axis_names:
-                    raise ValueError(f"rules map {name!r} to mesh axis {a!r}, absent from mesh {mesh.axis_names}")
-                size = math.prod(mesh.shape[b] for b in kept) * mesh.shape[a]
-                if shape is not None and shape[i] % size:
-                    continue
-            kept.append(a)
-        used.update(kept)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+            if a in owner:
+                raise ValueError(f"sharding rules map logical axes {owner[a]!r} and {name!r} of "
+                                 f"{tuple(logical_axes)} to the same mesh axis {a!r}")
+            owner[a] = name
+        if mesh is not None and axes_t:
+            absent = [a for a in axes_t if a not in mesh.axis_names]
+            if absent:
+                raise ValueError(f"rules map {name!r} to mesh axis {absent[0]!r}, absent from mesh {mesh.axis_names}")
+            size = math.prod(mesh.shape[a] for a in axes_t)
+            if shape is not None and shape[i] % size:
+                raise ValueError(
+                    f"logical axis {name!r} (dim {i} of shape {tuple(shape)}, size {shape[i]}) does not "
+                    f"divide over mesh axes {axes_t} of {size} devices (mesh {dict(mesh.shape)}); change "
+                    f"the mesh (TrainConfig.mesh_shape), the model shape or `sharding_rules.rules`")
+        spec.append(None if not axes_t else axes_t[0] if len(axes_t) == 1 else axes_t)
     return PartitionSpec(*spec)
 
 
@@ -137,24 +140,95 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules) ->
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over the first prod(shape) devices, with Auto axes.
+def _mesh_shape(shape: Sequence[int], what: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES) or any(s < 1 for s in shape):
+        raise ValueError(f"{what} must be 3 positive ints for axes {MESH_AXES}, got {shape}")
+    return shape
+
+
+def _granule_attr(devices: Sequence[Any]) -> str:
+    # TPU slices are joined by DCN; elsewhere a process is one host (a GPU node: NVLink inside).
+    return "slice_index" if devices[0].platform == "tpu" else "process_index"
+
+
+def num_slices(devices: Sequence[Any] | None = None) -> int:
+    """How many DCN-joined groups the devices form: TPU slices, or processes (one per GPU node)."""
+    devices = jax.devices() if devices is None else devices
+    attr = _granule_attr(devices)
+    return len({getattr(d, attr) for d in devices})
+
+
+def device_grid(shape: Sequence[int], dcn_shape: Sequence[int] | None = None,
+                devices: Sequence[Any] | None = None) -> np.ndarray:
+    """Devices arranged as a (data, fsdp, tensor) array of `shape`, by `jax.experimental.mesh_utils`.
+
+    One slice (`dcn_shape` None or all 1): `create_device_mesh`, which follows the physical
+    torus on TPU, device ids on GPU, and the listed order on CPU. Without `devices`, a mesh
+    smaller than `jax.devices()` takes the first prod(shape) of them (tests, one-device benches).
+    Several slices: mesh axis i is shape[i] / dcn_shape[i] devices inside each slice (ICI,
+    NVLink) times dcn_shape[i] slices (DCN): `create_hybrid_device_mesh` over all devices, with
+    TPU slices (`slice_index`) or else processes as the slices.
+    """
+    shape = _mesh_shape(shape, "mesh shape")
+    dcn = (1, 1, 1) if dcn_shape is None else _mesh_shape(dcn_shape, "dcn mesh shape")
+    n = math.prod(shape)
+    if devices is None:
+        devices = jax.devices()
+        if n > len(devices):
+            raise ValueError(f"mesh shape {shape} needs {n} devices, only {len(devices)} available")
+        if math.prod(dcn) == 1:
+            devices = devices[:n]
+    devices = list(devices)
+    if n != len(devices):
+        raise ValueError(f"mesh shape {shape} needs {n} devices, got {len(devices)}")
+    if math.prod(dcn) == 1:
+        return _topology_aware(mesh_utils.create_device_mesh, shape, devices)
+    for axis, size, d in zip(MESH_AXES, shape, dcn):
+        if size % d:
+            raise ValueError(f"mesh axis {axis!r} of size {size} does not split over {d} slices "
+                             f"(dcn mesh shape {dcn}, mesh shape {shape})")
+    slices, attr = num_slices(devices), _granule_attr(devices)
+    if slices != math.prod(dcn):
+        raise ValueError(f"dcn mesh shape {dcn} needs {math.prod(dcn)} slices, the {n} devices span {slices} "
+                         f"(distinct device.{attr})")
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return _topology_aware(mesh_utils.create_hybrid_device_mesh, ici, dcn, devices,
+                           process_is_granule=attr == "process_index")
+
+
+def _topology_aware(create: Callable, *args, **kwargs) -> np.ndarray:
+    """`create(*args)`, keeping each mesh axis on whole physical (torus) axes where the shape
+    allows, else splitting physical axes (e.g. fsdp=32 x tensor=2 on a 4x4x4 TPU v4 slice)."""
+    try:
+        return create(*args, **kwargs)
+    except (NotImplementedError, AssertionError, ValueError):
+        try:
+            return create(*args, **kwargs, allow_split_physical_axes=True)
+        except (NotImplementedError, AssertionError, ValueError) as e:
+            raise ValueError(f"mesh_utils cannot lay a mesh of {args[0]} over these devices' topology: {e}") from e
+
+
+def make_mesh(shape: Sequence[int], dcn_shape: Sequence[int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh of `shape` (`device_grid` places the devices), with Auto axes.
 
     Auto axes let XLA propagate shardings (a gather from a vocab-sharded table needs no
     `out_sharding=`), which is what the logical-rules style assumes.
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != len(MESH_AXES) or any(s < 1 for s in shape):
-        raise ValueError(f"mesh shape must be 3 positive ints for axes {MESH_AXES}, got {shape}")
-    devices = list(jax.devices() if devices is None else devices)
-    n = math.prod(shape)
-    if n > len(devices):
-        raise ValueError(f"mesh shape {shape} needs {n} devices, only {len(devices)} available")
-    return jax.sharding.Mesh(
-        np.asarray(devices[:n]).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.sharding.Mesh(device_grid(shape, dcn_shape, devices), MESH_AXES,
+                             axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _is_var(x: Any) -> bool:
+def axis_size(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: Rules, name: str) -> int:
+    """How many ways the rules split logical axis `name` on `mesh` (e.g. "batch": data x fsdp)."""
+    axes = dict(rules).get(name)
+    axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes_t)
+
+
+def is_variable(x: Any) -> bool:
+    """`is_leaf` for tree maps over NNX state that must see Variables whole (their metadata)."""
     return isinstance(x, nnx.Variable)
 
 
@@ -167,7 +241,7 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules |
     rules = resolve_rules(rules)
 
     def one(x):
-        if _is_var(x):
+        if is_variable(x):
             value = x.get_value()
             axes = x.get_metadata().get("logical_axes")
             if axes is None or not hasattr(value, "shape") or len(axes) != len(value.shape):
@@ -175,7 +249,7 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules: Rules |
             return x.replace(NamedSharding(mesh, logical_to_pspec(axes, rules, value.shape, mesh)))
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, abstract_state, is_leaf=_is_var)
+    return jax.tree.map(one, abstract_state, is_leaf=is_variable)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> NamedSharding:

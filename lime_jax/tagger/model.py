@@ -3,7 +3,7 @@
 The tag of piece i is predicted from pieces <= i only, so LIME (and previous-piece) runs can use
 it as an honest tag source in training, evaluation and generation (a LIME+1 run would need the
 tags of the piece not yet generated). Causality is by construction: the blocks are
-`lime_jax.model.decoder.Block`s under its causal, within-segment `attention_mask`, and every
+`lime_jax.model.decoder.Block`s under causal, within-segment attention, and every
 other layer (embedding, norms, MLPs, heads) acts per position. Packed batches work as in the
 decoder: segment ids keep documents apart, positions restart at 0 per document.
 """
@@ -17,7 +17,7 @@ from flax import nnx
 
 from lime_jax.model import sharding
 from lime_jax.model.config import ModelConfig
-from lime_jax.model.decoder import Block, RMSNorm, attention_mask
+from lime_jax.model.decoder import RMSNorm, apply_blocks, make_blocks
 from lime_jax.model.embed import LimeEmbed
 
 TAGS = ("pos", "ner")  # head order; tag() returns rows in this order
@@ -39,9 +39,9 @@ class TaggerModel(nnx.Module):
             raise ValueError(f"tag_sizes must give a size for each of {TAGS}, got {tag_sizes}")
         self.cfg = cfg
         self.tag_sizes = dict(tag_sizes)
-        rules = sharding.resolve_rules(None)
-        self.embed = LimeEmbed(cfg, rngs=rngs, rules=rules)
-        self.blocks = nnx.List([Block(cfg, rules, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.rules = sharding.resolve_rules(None)
+        self.embed = LimeEmbed(cfg, rngs=rngs, rules=self.rules)
+        self.blocks = make_blocks(cfg, self.rules, rngs)
         self.final_norm = RMSNorm(cfg)
         std = 1.0 / math.sqrt(cfg.d_model)
         self.heads = nnx.Dict({
@@ -53,14 +53,10 @@ class TaggerModel(nnx.Module):
                  positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         if (segment_ids is None) != (positions is None):
             raise ValueError("pass segment_ids and positions together (packed batches), or neither")
-        if segment_ids is None:
-            segment_ids = jnp.ones(pieces_BxL.shape, jnp.int32)
+        if segment_ids is None:  # one document per row
             positions = jnp.broadcast_to(jnp.arange(pieces_BxL.shape[1], dtype=jnp.int32), pieces_BxL.shape)
         x_BxLxD = self.embed(pieces_BxL)
-        mask_Bx1x1xLxS = attention_mask(segment_ids)
-        for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, positions, mask_Bx1x1xLxS)
-        x_BxLxD = self.final_norm(x_BxLxD)
+        x_BxLxD = self.final_norm(apply_blocks(self.blocks, self.cfg, self.rules, x_BxLxD, positions, segment_ids))
         dt = self.cfg.jnp_dtype
         return tuple(jnp.einsum("bld,dt->blt", x_BxLxD, self.heads[name][...].astype(dt),
                                 preferred_element_type=jnp.float32) for name in TAGS)

@@ -143,8 +143,7 @@ def train_tagger(cache_dir: str, out_dir: str, tc: TaggerTrainConfig = TaggerTra
         return optax.apply_updates(params, updates), opt_state, metrics
 
     data = iter(loader.build_dataset(cache_dir, tc.seq_len, tc.batch_size, shift=1, seed=tc.seed,
-                                     shard_index=0, shard_count=1, read_threads=2, tags=TAGS,
-                                     check_hashes=False))  # read_cache verified the hashes
+                                     shard_index=0, shard_count=1, read_threads=2, tags=TAGS))
     totals: dict[str, float] = {}
     t0 = time.time()
     for step in range(1, tc.steps + 1):

@@ -5,12 +5,15 @@ The step is the trainer's own (`step.make_train_step` under `step.jit_train_step
 trainer's in/out shardings and donation), fed abstract `ShapeDtypeStruct`s: nothing is
 allocated. When this process has fewer devices than the mesh, `compile_config` compiles in a
 subprocess with that many fake CPU devices (`--xla_force_host_platform_device_count`), so XLA's
-SPMD partitioner really splits the program over the mesh. The memory figures come from `compiled.memory_analysis()` (per device;
-CPU buffer assignment, so a guide to what a GPU/TPU will need, not a guarantee) next to an
-analytic estimate: parameters + gradients + optimizer state per device, plus activations.
+SPMD partitioner really splits the program over the mesh. The memory figures come from
+`compiled.memory_analysis()` (per device; CPU buffer assignment, so a guide to what a GPU/TPU
+will need, not a guarantee) next to an analytic estimate: parameters + gradients + optimizer
+state per device, plus activations under the remat policy (`activation_estimate`). The GPU/TPU
+attention kernels compile here as the XLA reference (see `compile_train_step`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,19 +46,50 @@ def _per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
     return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shs))
 
 
-def activation_estimate(cfg, local_batch: int, seq_len: int) -> int:
-    """Rough bytes of activations kept for the backward pass on one device (no remat).
-
-    Per layer and token: about 10 d_model-wide and 3 d_ff-wide tensors in the compute dtype,
-    plus the f32 attention probabilities (heads x seq_len per token); then the f32 logits and
-    their gradient.
-    """
+def _itemsize(dtype: str) -> int:
     import jax.numpy as jnp
 
-    act = jnp.dtype(cfg.dtype).itemsize
+    return jnp.dtype(dtype).itemsize
+
+
+def _kept_per_token(cfg) -> int:
+    """Bytes per token and layer that the backward pass keeps under `cfg.remat_policy`.
+
+    Remat recomputes a layer from its input x, keeping only the outputs the policy saves
+    (decoder.REMAT_SAVED_NAMES): the q/k/v projections, the attention context, the output
+    projection, the MLP's input (gate, up) and output projections; "minimal" saves every matmul
+    without dot batch dimensions: all projections, not the attention scores or context.
+    """
+    act = _itemsize(cfg.dtype)
+    D, F, H = cfg.d_model, cfg.d_ff, cfg.resolved_head_dim
+    x, qkv, context, out = D, (cfg.n_heads + 2 * cfg.n_kv_heads) * H, cfg.n_heads * H, D
+    mlpwi, mlpwo = 2 * F, D
+    return act * {"full": x,
+                  "minimal": x + qkv + out + mlpwi + mlpwo,
+                  "save_qkv_proj": x + qkv,
+                  "save_dot_except_mlp": x + qkv + out,
+                  "save_dot_with_context_except_mlp": x + qkv + context + out,
+                  "save_dot_except_mlpwi": x + qkv + out + mlpwo}[cfg.remat_policy]
+
+
+def activation_estimate(cfg, local_batch: int, seq_len: int) -> int:
+    """Rough bytes of activations alive at the start of the backward pass on one device.
+
+    A layer without remat keeps about 10 d_model-wide and 3 d_ff-wide tensors per token in the
+    compute dtype, plus, with attention="xla", the f32 attention probabilities (heads x seq_len
+    per token; the flash kernels keep none). With a remat policy every layer keeps only what the
+    policy saves (`_kept_per_token`), and one layer at a time is recomputed whole. Then the f32
+    logits and their gradient: all positions, or one chunk of `loss_chunk_size` per row.
+    """
     tokens = local_batch * seq_len
-    per_layer = tokens * (10 * cfg.d_model + 3 * cfg.d_ff) * act + tokens * cfg.n_heads * seq_len * 4
-    return cfg.n_layers * per_layer + 2 * tokens * cfg.vocab_size * 4
+    scores = tokens * cfg.n_heads * seq_len * 4 if cfg.attention == "xla" else 0
+    layer = tokens * (10 * cfg.d_model + 3 * cfg.d_ff) * _itemsize(cfg.dtype) + scores
+    if cfg.remat_policy == "none":
+        layers = cfg.n_layers * layer
+    else:
+        layers = cfg.n_layers * tokens * _kept_per_token(cfg) + layer
+    logit_tokens = local_batch * min(seq_len, cfg.loss_chunk_size) if cfg.loss_chunk_size else tokens
+    return layers + 2 * logit_tokens * cfg.vocab_size * 4
 
 
 def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
@@ -74,7 +108,7 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     from lime_jax.trainer import optim
     from lime_jax.trainer import state as state_lib
     from lime_jax.trainer import step as step_lib
-    from lime_jax.trainer.config import DataConfig, TrainConfig
+    from lime_jax.trainer.config import DataConfig, TrainConfig, check_batch_split
 
     cfg = ModelConfig()
     opt_cfg = optim.OptimizerConfig()
@@ -85,16 +119,17 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     if -1 in shape:
         raise ValueError(f"--mesh {shape}: give every axis size (no -1); AOT has no devices to infer it from")
     n = math.prod(shape)
-    data_shards = shape[0] * shape[1]  # the batch is split over (data, fsdp)
+    abstract_mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    data_shards = sharding.axis_size(abstract_mesh, rules, "batch")
     accum = opt_cfg.grad_accum_steps
-    if batch_size % (data_shards * accum):
-        raise ValueError(f"DataConfig.batch_size={batch_size} does not split into {accum} micro-batches "
-                         f"over the {data_shards} batch shards of mesh {shape}")
+    check_batch_split(batch_size, accum, data_shards, shape)
     concrete = compile_ and jax.device_count() >= n
-    if concrete:
-        mesh = sharding.make_mesh(shape)
-    else:
-        mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    mesh = sharding.make_mesh(shape) if concrete else abstract_mesh
+    attention = cfg.attention
+    if jax.default_backend() == "cpu" and attention != "xla":
+        # From a CPU host the GPU/TPU kernels would lower as their CPU emulation: compile the XLA
+        # reference, whose f32 attention scores make the figure an upper bound.
+        cfg = dataclasses.replace(cfg, attention="xla")
 
     graphdef, abstract_params = abstract_model(cfg, rules)
     tx, schedule = optim.make_optimizer(opt_cfg, TrainConfig().train_steps)
@@ -105,7 +140,8 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
         step_lib.make_train_step(graphdef, tx, schedule, accum, data.metadata_dropout), state_sh, data_sh)
     args = (state_lib.with_shardings(abstract, state_sh), _abstract_batch(cfg, batch_size, seq_len, data_sh))
     if concrete:
-        lowered = step_fn.lower(*args)
+        with jax.set_mesh(mesh):  # as the trainer runs it: the model's activation constraints need the mesh
+            lowered = step_fn.lower(*args)
     else:  # no devices to infer the platform from
         with jax.sharding.use_abstract_mesh(mesh):
             lowered = step_fn.trace(*args).lower(lowering_platforms=(platform,))
@@ -114,10 +150,12 @@ def compile_train_step(mesh_shape: Sequence[int], compile_: bool = True,
     params_b = _per_device_bytes(abstract.params, state_sh.params)
     opt_b = _per_device_bytes(abstract.opt_state, state_sh.opt_state)
     local_batch = batch_size // (data_shards * accum)  # rows per device per micro-batch
-    act_b = activation_estimate(cfg, local_batch, seq_len)
+    act_b = activation_estimate(dataclasses.replace(cfg, attention=attention), local_batch, seq_len)
     out: dict[str, Any] = {
         "mesh": dict(zip(sharding.MESH_AXES, shape)), "devices": n, "params": n_params,
         "batch_size": batch_size, "grad_accum_steps": accum, "seq_len": seq_len, "dtype": cfg.dtype,
+        "remat_policy": cfg.remat_policy, "scan_layers": cfg.scan_layers, "rows_per_device": local_batch,
+        "attention": cfg.attention if cfg.attention == attention else f"{cfg.attention} (config: {attention})",
         "compiled": False, "lowered_for": platform if not concrete else jax.default_backend(),
         "stablehlo_bytes": len(lowered.as_text()),
         "estimate_per_device": {"params_gib": params_b / GiB, "grads_gib": params_b / GiB,
@@ -147,7 +185,7 @@ def format_report(name: str, r: dict[str, Any]) -> str:
     e = r["estimate_per_device"]
     lines = [f"{name}: {r['params'] / 1e9:.3f}B params, mesh {r['mesh']} ({r['devices']} devices), "
              f"batch {r['batch_size']} x {r['seq_len']} in {r['grad_accum_steps']} micro-batches, "
-             f"{r['dtype']} compute, "
+             f"{r['dtype']} compute, remat {r['remat_policy']}, attention {r['attention']}, "
              f"{'compiled' if r['compiled'] else 'lowered only'} for {r['lowered_for']}",
              f"  estimate per device: params {e['params_gib']:.2f} GiB + grads {e['grads_gib']:.2f} + "
              f"optimizer {e['opt_state_gib']:.2f} + activations {e['activations_gib']:.2f} = "
@@ -158,6 +196,60 @@ def format_report(name: str, r: dict[str, Any]) -> str:
                      f"{m['output_gib']:.2f} (aliased {m['alias_gib']:.2f}), temp {m['temp_gib']:.2f}, "
                      f"peak ~{m['peak_gib']:.2f} GiB")
     return "\n".join(lines)
+
+
+# `lime-jax aot --table FILE` compiles these and rewrites the table between the markers in FILE.
+TABLE_RUN = "runs/gpu.gin"
+TABLE_MODELS = ("models/500m.gin", "models/1b.gin", "models/2b.gin")
+TABLE_MESH = (1, 8, 1)  # one node of 8 GPUs
+TABLE_VARIANTS = ((), ("ModelConfig.remat_policy = 'none'",))  # the run config's remat, then none
+TABLE_BEGIN = "<!-- begin: generated by `lime-jax aot --table docs/scaling.md`; do not edit -->"
+TABLE_END = "<!-- end: generated table -->"
+H100_GIB = 80
+
+
+def memory_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """A markdown table of (model config name, compile result) rows: memory per device."""
+    out = ["| model | params | remat | micro-batch per device | XLA:CPU peak | "
+           "estimate: params + grads + Adam + activations | fits 90% of 80 GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows:
+        e = r["estimate_per_device"]
+        peak = r["memory_analysis_per_device"]["peak_gib"]
+        out.append(f"| {name} | {r['params'] / 1e9:.2f}B | {r['remat_policy']} | "
+                   f"{r['rows_per_device']} x {r['seq_len']} | {peak:.1f} GiB | {e['params_gib']:.1f} + "
+                   f"{e['grads_gib']:.1f} + {e['opt_state_gib']:.1f} + {e['activations_gib']:.1f} = "
+                   f"{e['total_gib']:.1f} GiB | "
+                   f"{'yes' if max(peak, e['total_gib']) <= 0.9 * H100_GIB else 'no'} |")
+    return "\n".join(out)
+
+
+def write_table(path: str, models: Sequence[str] = TABLE_MODELS, bindings: Sequence[str] = (),
+                timeout_s: float | None = None) -> str:
+    """Compiles each of `models` with TABLE_RUN (+ `bindings`) on TABLE_MESH, remat as configured
+    and off, and replaces the lines between TABLE_BEGIN and TABLE_END in `path` by their table."""
+    with open(path) as f:
+        text = f.read()
+    if text.count(TABLE_BEGIN) != 1 or text.count(TABLE_END) != 1 or text.index(TABLE_BEGIN) > text.index(TABLE_END):
+        raise ValueError(f"{path} needs one pair of marker lines to write the table between:\n"
+                         f"{TABLE_BEGIN}\n{TABLE_END}")
+    rows = []
+    for model in models:
+        for variant in TABLE_VARIANTS:
+            r = compile_config([TABLE_RUN, model], [*bindings, *variant], TABLE_MESH, timeout_s=timeout_s)
+            print(format_report(f"{TABLE_RUN} + {model}", r), file=sys.stderr, flush=True)
+            rows.append((os.path.basename(model), r))
+    r0 = rows[0][1]
+    caption = (f"`{TABLE_RUN}` on a {' x '.join(map(str, TABLE_MESH))} (data x fsdp x tensor) mesh of fake CPU "
+               f"devices: batch {r0['batch_size']} x {r0['seq_len']} in {r0['grad_accum_steps']} micro-batch(es) "
+               f"of {r0['rows_per_device']} x {r0['seq_len']} per device, "
+               f"{r0['dtype']} compute, attention {r0['attention']}, scan_layers={r0['scan_layers']}.")
+    table = f"{caption}\n\n{memory_table(rows)}"
+    head, rest = text.split(TABLE_BEGIN)
+    _, tail = rest.split(TABLE_END)
+    with open(path, "w") as f:
+        f.write(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
+    return table
 
 
 class AotError(RuntimeError):

@@ -4,36 +4,50 @@ Items in each checkpoint (`<model_dir>/checkpoints/<step>/`), from one `state.Tr
 - `params`: model parameters (NNX state), restored sharded onto the current mesh;
 - `opt_state`: the optimizer state;
 - `train`: `{"step": int32, "rng": uint32 key data}`;
-- `data`: the data iterator's state (a Grain `DatasetIterator`: the loader's, or SeqIO's via
-  `data.seqio_source`), one JSON file per process, via Grain's Orbax handler;
+- `data`: the data iterator's state (Grain `DatasetIterator`s: the loader's, or SeqIO's via
+  `data.seqio_source`), one JSON file per data shard (`data_state`: resumable on another
+  process count);
 - `lime_jax_seal.json`: size and sha256 of every file above (written by lime_jax).
+
+Every model-dir path goes through `etils.epath`, as Orbax's own do, so a model dir may be local
+or on gs://.
 
 Saves are async (arrays are copied off-device before `save` returns, files are written in the
 background) and committed atomically by Orbax: a step directory without its commit marker is
 never listed. Orbax does not check what it reads back (a truncated or edited file can restore
-as garbage, or crash the reader), so every save is sealed: the seal is written into the
-temporary step directory just before Orbax commits it, and a restore first checks every file
-against it. Resume takes the newest checkpoint that passes, warns naming each damaged one
-(moved aside to `checkpoints.damaged/`, never deleted), and fails with `CheckpointError` if
-none is intact. Retention keeps the last N and, optionally, the best by eval loss.
+as garbage, or crash the reader), so every save is sealed: once Orbax has committed a step,
+process 0 hashes its files in a background thread (outside Orbax's commit barrier, which every
+process waits on) and writes the seal; the thread is joined at the next save, `wait` or
+`close`. A committed step without its seal (the run stopped while sealing) counts as damaged.
+
+A resume checks the seals once, on process 0, newest first, and shares its verdict: every
+process restores the newest step that passes, process 0 warns naming each damaged newer one and
+moves it to `checkpoints.damaged/` (never deleted), and all processes reload the step list once
+it has. No intact step raises `CheckpointError`, and so does process 0 failing to check or move
+(e.g. an I/O error), on every process: the others never wait for a verdict that will not come.
+Retention keeps the last `keep` >= 2 and, optionally, the best by eval loss: Orbax deletes the
+older steps as it commits a new one, before it is sealed, so with one step kept a run stopped
+while sealing would leave no intact step.
 
 Nothing here unpickles: Orbax reads OCDBT/zarr arrays and JSON, Grain reads JSON.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
-import shutil
+import secrets
+import threading
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
 from lime_jax.hashing import sha256_file
+from lime_jax.trainer import data_state
 from lime_jax.trainer.state import TrainState
 
 log = logging.getLogger("lime_jax.trainer.checkpoint")
@@ -43,8 +57,11 @@ DAMAGED_SUBDIR = "checkpoints.damaged"
 EVAL_LOSS_KEY = "eval_loss"
 SEAL_NAME = "lime_jax_seal.json"
 REQUIRED_ITEMS = ("params", "opt_state", "train")
-# Files Orbax writes or rewrites while committing, after the seal: not sealed.
-_UNSEALED = {SEAL_NAME, "_CHECKPOINT_METADATA", "commit_success.txt"}
+# Orbax's own bookkeeping, which it may rewrite after the commit, and the seal: not sealed.
+_UNSEALED = {SEAL_NAME, f".{SEAL_NAME}.tmp", "_CHECKPOINT_METADATA", "commit_success.txt"}
+# Process 0's verdicts besides a step: none intact; it failed (its error says why).
+_NONE_INTACT = -1
+_CHIEF_FAILED = -2
 
 
 class CheckpointError(RuntimeError):
@@ -55,58 +72,57 @@ class NoIntactCheckpointError(CheckpointError, FileNotFoundError):
     """The model dir holds no checkpoint (of the asked step) whose files match their seal."""
 
 
-def checkpoint_dir(model_dir: str) -> str:
-    return os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR)
+def absolute(path: epath.PathLike) -> epath.Path:
+    """`path` as an absolute epath (gs:// paths are absolute already)."""
+    path = epath.Path(path)
+    return path if path.is_absolute() else path.resolve()
 
 
-def _grain_args():
-    import grain.checkpoint as gc  # registers Grain's handler with Orbax
-
-    return gc.CheckpointSave, gc.CheckpointRestore
+def checkpoint_dir(model_dir: epath.PathLike) -> epath.Path:
+    return absolute(model_dir) / CHECKPOINT_SUBDIR
 
 
-def _sealed_files(step_dir: str) -> list[str]:
+def _sealed_files(step_dir: epath.Path) -> list[str]:
     out = []
-    for root, _, files in os.walk(step_dir):
-        out += [os.path.relpath(os.path.join(root, f), step_dir) for f in files if f not in _UNSEALED]
+    for root, _, files in step_dir.walk():
+        out += [(root / f).relative_to(step_dir).as_posix() for f in files if f not in _UNSEALED]
     return sorted(out)
 
 
-def write_seal(step_dir: str) -> None:
-    """Records size and sha256 of every file of a written step directory (atomically)."""
-    files = {rel: {"bytes": os.path.getsize(os.path.join(step_dir, rel)),
-                   "sha256": sha256_file(os.path.join(step_dir, rel))} for rel in _sealed_files(step_dir)}
-    tmp = os.path.join(step_dir, f".{SEAL_NAME}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": "lime_jax.seal.v1", "files": files}, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, SEAL_NAME))
+def write_seal(step_dir: epath.PathLike) -> None:
+    """Records size and sha256 of every file of a committed step directory (atomically)."""
+    step_dir = epath.Path(step_dir)
+    files = {rel: {"bytes": (step_dir / rel).stat().length, "sha256": sha256_file(step_dir / rel)}
+             for rel in _sealed_files(step_dir)}
+    tmp = step_dir / f".{SEAL_NAME}.tmp"
+    tmp.write_text(json.dumps({"format": "lime_jax.seal.v1", "files": files}, indent=0, sort_keys=True))
+    tmp.replace(step_dir / SEAL_NAME)
 
 
-def check_step_dir(step_dir: str, required_items: tuple[str, ...] = REQUIRED_ITEMS) -> str | None:
+def check_step_dir(step_dir: epath.PathLike, required_items: tuple[str, ...] = REQUIRED_ITEMS) -> str | None:
     """What is wrong with a committed step directory, or None when every sealed file matches."""
-    seal_path = os.path.join(step_dir, SEAL_NAME)
-    if not os.path.isfile(seal_path):
-        return (f"no {SEAL_NAME} (the save was interrupted before its commit finished, or the "
+    step_dir = epath.Path(step_dir)
+    seal_path = step_dir / SEAL_NAME
+    if not seal_path.is_file():
+        return (f"no {SEAL_NAME} (the run stopped before sealing this committed step, or the "
                 "directory was not written by lime_jax)")
     try:
-        with open(seal_path, encoding="utf-8") as f:
-            files = json.load(f)["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not an object")
+        files = json.loads(seal_path.read_text())["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(want, dict) and {"bytes", "sha256"} <= want.keys() for want in files.values()):
+            raise TypeError("'files' is not an object of {bytes, sha256} entries")
     except (ValueError, KeyError, TypeError) as e:
         return f"{SEAL_NAME} is unreadable ({e})"
     for item in required_items:
-        if not any(rel.split(os.sep)[0] == item for rel in files):
+        if not any(rel.split("/")[0] == item for rel in files):
             return f"item {item!r} was not saved in this checkpoint"
-        if not os.path.isdir(os.path.join(step_dir, item)):
+        if not (step_dir / item).is_dir():
             return f"item {item!r} is missing"
     for rel, want in sorted(files.items()):
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
+        path = step_dir / rel
+        if not path.is_file():
             return f"file {rel} is missing"
-        size = os.path.getsize(path)
+        size = path.stat().length
         if size != want["bytes"]:
             return f"file {rel} has {size} bytes, sealed with {want['bytes']} (truncated or rewritten)"
         if sha256_file(path) != want["sha256"]:
@@ -117,22 +133,47 @@ def check_step_dir(step_dir: str, required_items: tuple[str, ...] = REQUIRED_ITE
     return None
 
 
+def _from_process_0(value: int) -> int:
+    """Process 0's `value`, on every process: one process checks, all act alike."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _raise_if_chief_failed(verdict: int, what: str, error: Exception | None) -> None:
+    """Raises CheckpointError on every process when process 0 shared `_CHIEF_FAILED`; process 0
+    passes its own `error`, the others have only the verdict."""
+    if verdict != _CHIEF_FAILED:
+        return
+    if error is None:
+        raise CheckpointError(f"{what} failed on process 0 (its log names the error)")
+    raise CheckpointError(f"{what} failed on process 0: {type(error).__name__}: {error}") from error
+
+
 def _items(arg_cls, state: TrainState, data_iter: Any | None, *, restoring: bool) -> dict:
     """A checkpoint's items, for saving or restoring alike: params, optimizer state, step + RNG,
     and the data iterator's position (when there is one)."""
     items = {"params": arg_cls(state.params), "opt_state": arg_cls(state.opt_state),
              "train": arg_cls({"step": state.step, "rng": state.rng})}
     if data_iter is not None:
-        save_cls, restore_cls = _grain_args()
-        items["data"] = (restore_cls if restoring else save_cls)(data_iter)
+        sharded = data_state.as_sharded(data_iter, jax.process_index(), jax.process_count())
+        items["data"] = (data_state.ShardStateRestore if restoring else data_state.ShardStateSave)(sharded)
     return items
 
 
 class Checkpointer:
-    """Saves and restores train state + data iterator in one Orbax CheckpointManager."""
+    """Saves and restores train state + data iterator in one Orbax CheckpointManager.
 
-    def __init__(self, model_dir: str, keep: int = 3, keep_best: bool = False,
+    Keeps the newest `keep` >= 2 steps: the newest is unsealed until its seal is written.
+    """
+
+    def __init__(self, model_dir: epath.PathLike, keep: int = 3, keep_best: bool = False,
                  async_save: bool = True, read_only: bool = False):
+        if keep < 2:
+            raise ValueError(f"Checkpointer keep={keep} must be at least 2: the newest step is unsealed "
+                             "until its seal is written (see CheckpointConfig.keep)")
         policies: list[Any] = [cm.LatestN(n=keep)]
         if keep_best:
             # reverse=True sorts descending, and BestN keeps the tail: the lowest eval losses.
@@ -143,15 +184,13 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
-            # Runs in the save thread after all files are written, before Orbax commits.
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_saving_step)
-            if async_save else None,
         )
-        self.model_dir = os.path.abspath(model_dir)
+        self.model_dir = absolute(model_dir)
         self.directory = checkpoint_dir(model_dir)
-        self._async = async_save
         self._saving_step: int | None = None
         self._save_error: Exception | None = None
+        self._seal_thread: threading.Thread | None = None
+        self._seal_error: Exception | None = None
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -161,37 +200,50 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
-    def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
 
-    def _seal_saving_step(self) -> None:
-        if jax.process_index() != 0 or self._saving_step is None:
+    def _seal_after_commit(self, step: int) -> None:
+        """Process 0's seal thread: waits for Orbax to commit `step`, then seals it."""
+        try:
+            self._mngr.wait_until_finished()
+        except BaseException:  # the save failed; Orbax raises it again in the main thread
             return
-        # Not yet committed: the step's files sit in Orbax's temporary directory (renamed on
-        # commit), or, on filesystems where Orbax commits with a marker file, in the final one.
-        tmp = sorted(glob.glob(os.path.join(self.directory, f"{self._saving_step}.orbax-checkpoint-tmp*")))
-        write_seal(tmp[-1] if tmp else self.step_dir(self._saving_step))
+        try:
+            if self.step_dir(step).exists():  # a retention policy may have removed it at once
+                write_seal(self.step_dir(step))
+        except Exception as e:
+            self._seal_error = e
 
     def _check_previous_save(self) -> None:
         if self._save_error is not None:
             return  # reported once already; Orbax would raise it on every later call
+        if self._seal_thread is not None:
+            self._seal_thread.join()
+            self._seal_thread = None
         try:
             self._mngr.wait_until_finished()
         except Exception as e:
             self._save_error = e
             if jax.process_index() == 0:  # free the space of the failed save (a full disk)
-                for tmp in glob.glob(os.path.join(self.directory, f"{self._saving_step}.orbax-checkpoint-tmp*")):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                for tmp in self.directory.glob(f"{self._saving_step}.orbax-checkpoint-tmp*"):
+                    tmp.rmtree(missing_ok=True)
             raise CheckpointError(
                 f"saving checkpoint step {self._saving_step} to {self.directory} failed: "
                 f"{type(e).__name__}: {e}; the checkpoints already committed are untouched "
                 f"(steps {self.all_steps()})") from e
+        if self._seal_error is not None:
+            self._save_error = e = self._seal_error
+            raise CheckpointError(
+                f"sealing checkpoint step {self._saving_step} in {self.directory} failed: "
+                f"{type(e).__name__}: {e}; the step is committed but unsealed, so a resume takes "
+                "the one before") from e
 
     def save(self, step: int, state: TrainState, data_iter: Any | None,
              metrics: dict[str, float] | None = None) -> None:
         """Starts an async save of `step`; returns once the arrays are off the device.
 
-        Raises CheckpointError when this or the previous (background) save failed.
+        Raises CheckpointError when this or the previous (background) save or seal failed.
         """
         self._check_previous_save()
         items = _items(ocp.args.StandardSave, state, data_iter, restoring=False)
@@ -201,8 +253,10 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(f"saving checkpoint step {step} to {self.directory} failed: "
                                   f"{type(e).__name__}: {e}") from e
-        if not self._async and jax.process_index() == 0:
-            write_seal(self.step_dir(step))  # sync saves are committed when save() returns
+        if jax.process_index() == 0:
+            self._seal_thread = threading.Thread(target=self._seal_after_commit, args=(step,),
+                                                 name=f"lime_jax_seal_{step}")
+            self._seal_thread.start()
 
     def restore(self, step: int, abstract: TrainState, data_iter: Any | None) -> TrainState:
         """Restores `step` (unchecked) onto the shardings carried by `abstract`'s leaves
@@ -218,44 +272,78 @@ class Checkpointer:
     def restore_newest_intact(self, abstract: TrainState, data_iter: Any | None) -> tuple[int, TrainState]:
         """Restores the newest checkpoint whose files match their seal: `(step, state)`.
 
-        Each damaged newer one is reported in a warning and moved to `checkpoints.damaged/`
-        (so the run can save that step again); raises CheckpointError if none is intact.
+        Process 0 checks the seals and shares which step to restore; each damaged newer step is
+        reported in a warning and moved to `checkpoints.damaged/` (so the run can save that step
+        again). Raises CheckpointError, on every process, if none is intact or process 0 cannot
+        check or move the steps.
         """
         required = REQUIRED_ITEMS + (("data",) if data_iter is not None else ())
-        problems = []
-        for step in sorted(self.all_steps(), reverse=True):
-            problem = check_step_dir(self.step_dir(step), required)
-            if problem is None:
-                try:
-                    state = self.restore(step, abstract, data_iter)
-                except Exception as e:  # sealed but unreadable here (e.g. another model config)
-                    raise CheckpointError(f"checkpoint {self.step_dir(step)} is intact but cannot be "
-                                          f"restored into this run: {type(e).__name__}: {e}") from e
-                saved_step = int(state.step)
-                if saved_step == step:
-                    self._quarantine([s for s, _ in problems])
-                    return step, state
-                problem = f"it holds step {saved_step}"
+        chief = jax.process_index() == 0
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise NoIntactCheckpointError(f"no checkpoint in {self.directory}")
+        problems: list[tuple[int, str]] = []  # process 0's findings
+
+        def damaged(step: int, problem: str) -> None:
             log.warning("checkpoint %s is damaged: %s; falling back to an older checkpoint",
                         self.step_dir(step), problem)
             problems.append((step, problem))
-        if not problems:
-            raise NoIntactCheckpointError(f"no checkpoint in {self.directory}")
+
+        below = steps[0] + 1
+        while True:
+            candidate, failure = _NONE_INTACT, None
+            if chief:
+                try:
+                    for step in (s for s in steps if s < below):
+                        problem = check_step_dir(self.step_dir(step), required)
+                        if problem is None:
+                            candidate = step
+                            break
+                        damaged(step, problem)
+                except Exception as e:  # e.g. an I/O error: share it, the others wait for a verdict
+                    candidate, failure = _CHIEF_FAILED, e
+            step = _from_process_0(candidate)
+            _raise_if_chief_failed(step, f"checking the checkpoint seals in {self.directory}", failure)
+            if step == _NONE_INTACT:
+                break
+            try:
+                state = self.restore(step, abstract, data_iter)
+            except Exception as e:  # sealed but unreadable here (e.g. another model config)
+                raise CheckpointError(f"checkpoint {self.step_dir(step)} is intact but cannot be "
+                                      f"restored into this run: {type(e).__name__}: {e}") from e
+            saved_step = int(state.step)  # replicated: the same on every process
+            if saved_step == step:
+                self._quarantine([s for s, _ in problems])
+                return step, state
+            if chief:
+                damaged(step, f"it holds step {saved_step}")
+            below = step
+        if not chief:
+            raise NoIntactCheckpointError(f"no intact checkpoint in {self.directory} (process 0 "
+                                          "checked the seals; its log names the damage)")
         raise NoIntactCheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(
             f"step {s}: {p}" for s, p in problems) + ". Move the directory away to start afresh.")
 
     def _quarantine(self, steps: list[int]) -> None:
-        if not steps or jax.process_index() != 0:
-            return
-        dest_root = os.path.join(self.model_dir, DAMAGED_SUBDIR)
-        os.makedirs(dest_root, exist_ok=True)
-        for step in steps:
-            dest = os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-            shutil.move(self.step_dir(step), dest)
-            log.warning("moved damaged checkpoint %s to %s", self.step_dir(step), dest)
+        """Process 0 moves `steps` (its list; the others pass none) aside; every process then
+        reloads the same step list, or raises CheckpointError if process 0 could not move them."""
+        dest_root, failure = self.model_dir / DAMAGED_SUBDIR, None
+        if steps and jax.process_index() == 0:
+            try:
+                dest_root.mkdir(parents=True, exist_ok=True)
+                for step in steps:
+                    dest = dest_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+                    self.step_dir(step).rename(dest)
+                    log.warning("moved damaged checkpoint %s to %s", self.step_dir(step), dest)
+            except Exception as e:  # the others wait in the broadcast below: give them the verdict
+                failure = e
+        # The broadcast is also the barrier: no process reloads before process 0 has moved them.
+        _raise_if_chief_failed(_from_process_0(_CHIEF_FAILED if failure else 0),
+                               f"moving damaged checkpoints to {dest_root}", failure)
         self._mngr.reload()
 
     def wait(self) -> None:
+        """Waits for the last save's commit and seal; raises CheckpointError if either failed."""
         self._check_previous_save()
 
     def close(self) -> None:
@@ -269,13 +357,14 @@ class Checkpointer:
                     raise
 
 
-def restore_params(model_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+def restore_params(model_dir: epath.PathLike, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Restores only the parameters (for evaluation or generation): `(params, step)`.
 
     `abstract_params` is an abstract NNX state (e.g. from `nnx.eval_shape`); its leaves may be
     `jax.ShapeDtypeStruct`s with shardings (see `state.with_shardings`), otherwise arrays land on the
     default device. `step=None` takes the newest intact checkpoint (warning about damaged newer
-    ones); a given step must be intact. Raises CheckpointError otherwise.
+    ones); a given step must be intact. Raises CheckpointError otherwise. Every process calls it:
+    process 0 checks the seals and shares which step all of them restore (or that it failed).
     """
     directory = checkpoint_dir(model_dir)
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
@@ -284,13 +373,25 @@ def restore_params(model_dir: str, abstract_params: Any, step: int | None = None
         if step is not None and step not in steps:
             raise NoIntactCheckpointError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
         problems = []
-        for s in ([step] if step is not None else steps):
-            problem = check_step_dir(os.path.join(directory, str(s)), ("params",))
-            if problem is None:
-                out = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-                return out["params"], s
-            log.warning("checkpoint %s is damaged: %s", os.path.join(directory, str(s)), problem)
-            problems.append(f"step {s}: {problem}")
-        raise NoIntactCheckpointError(f"no intact checkpoint in {directory}" + (": " + "; ".join(problems) if problems else ""))
+        found, failure = _NONE_INTACT, None
+        if jax.process_index() == 0:
+            try:
+                for s in ([step] if step is not None else steps):
+                    problem = check_step_dir(directory / str(s), ("params",))
+                    if problem is None:
+                        found = s
+                        break
+                    log.warning("checkpoint %s is damaged: %s", directory / str(s), problem)
+                    problems.append(f"step {s}: {problem}")
+            except Exception as e:  # e.g. an I/O error: share it, the others wait for a verdict
+                found, failure = _CHIEF_FAILED, e
+        found = _from_process_0(found)
+        _raise_if_chief_failed(found, f"checking the checkpoint seals in {directory}", failure)
+        if found == _NONE_INTACT:
+            detail = ("; ".join(problems) if jax.process_index() == 0
+                      else "process 0 checked the seals; its log names the damage")
+            raise NoIntactCheckpointError(f"no intact checkpoint in {directory}" + (f": {detail}" if steps else ""))
+        out = mngr.restore(found, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        return out["params"], found
     finally:
         mngr.close()

@@ -48,7 +48,6 @@ class DataConfig:
     metadata_dropout: float = 0.0
     read_threads: int = 4
     worker_count: int = 0
-    check_cache_hashes: bool = True
 
     def __post_init__(self):
         _check_positive_ints(self, "seq_len", "batch_size", "read_threads")
@@ -89,8 +88,9 @@ class EvalConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpoints every `every` steps (and at the last, or on SIGTERM): the newest `keep`,
-    plus the best by eval loss with `keep_best`; `async_save` writes files in the background."""
+    """Orbax checkpoints every `every` steps (and at the last, or on SIGTERM): the newest `keep`
+    (at least 2), plus the best by eval loss with `keep_best`; `async_save` writes files in the
+    background."""
 
     every: int = 1000
     keep: int = 3
@@ -99,6 +99,11 @@ class CheckpointConfig:
 
     def __post_init__(self):
         _check_positive_ints(self, "every", "keep")
+        if self.keep < 2:
+            raise ConfigError(
+                f"CheckpointConfig.keep must be at least 2, got {self.keep}: Orbax deletes the older steps as it "
+                "commits a new one, and the new one is sealed only afterwards, so a run stopped while sealing "
+                "would leave no intact checkpoint to resume from")
 
 
 @gin.configurable
@@ -106,9 +111,11 @@ class CheckpointConfig:
 class TrainConfig:
     """The run itself: where it writes, how long it trains, on which mesh, what it logs.
 
-    `mesh_shape` is (data, fsdp, tensor); one -1 takes the remaining devices. `dcn_mesh_shape`
-    (the same axes) splits them further over slices or nodes joined by the data-centre network:
-    each mesh axis is ICI size x DCN size, built by `jax.experimental.mesh_utils` (None: one slice).
+    `mesh_shape` is (data, fsdp, tensor) over all devices; one -1 takes the remaining devices.
+    `dcn_mesh_shape` (the same axes; one -1 takes the slices left) says how many slices or nodes,
+    joined by the data-centre network, each axis spans: axis i is mesh_shape[i] / dcn[i] devices
+    inside a slice (ICI, NVLink) times dcn[i] slices, placed by `jax.experimental.mesh_utils`
+    (None: one slice). Slices are TPU slices, or processes elsewhere (one per GPU node).
     `profile_steps = (first, last)` writes a `jax.profiler` trace of those steps to
     `<model_dir>/profile`; `compilation_cache_dir` turns on JAX's persistent compilation cache.
     `peak_flops_per_device=None` looks the device kind up (metrics.peak_flops_for) for MFU.
@@ -132,9 +139,10 @@ class TrainConfig:
         object.__setattr__(self, "mesh_shape", tuple(self.mesh_shape))  # gin may hand a list
         if self.dcn_mesh_shape is not None:
             dcn = tuple(self.dcn_mesh_shape)
-            if len(dcn) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dcn):
+            if len(dcn) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1)
+                                    for d in dcn) or dcn.count(-1) > 1:
                 raise ConfigError(f"TrainConfig.dcn_mesh_shape must be 3 positive ints (data, fsdp, tensor), "
-                                  f"got {self.dcn_mesh_shape!r}")
+                                  f"one of them may be -1, got {self.dcn_mesh_shape!r}")
             object.__setattr__(self, "dcn_mesh_shape", dcn)
         if self.profile_steps is not None:
             window = tuple(self.profile_steps)
@@ -148,14 +156,46 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.model_dir must be a path, got {self.model_dir!r}")
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """A (data, fsdp, tensor) shape with its -1 (at most one) replaced by what the others leave."""
+def _fill(shape: Sequence[int], total: int, field: str, what: str) -> tuple[int, ...]:
+    """`shape` with its -1 (at most one) replaced by what the others leave of `total`."""
     shape = [int(s) for s in shape]
+    if len(shape) != 3 or any(s < 1 and s != -1 for s in shape):
+        raise ConfigError(f"{field}={tuple(shape)}: expected 3 sizes (data, fsdp, tensor), positive or -1")
     if shape.count(-1) > 1:
-        raise ConfigError(f"TrainConfig.mesh_shape={tuple(shape)}: at most one -1 allowed")
+        raise ConfigError(f"{field}={tuple(shape)}: at most one -1 allowed")
+    rest = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        rest = math.prod(s for s in shape if s != -1)
-        if num_devices % rest:
-            raise ConfigError(f"TrainConfig.mesh_shape={tuple(shape)} does not divide {num_devices} devices")
-        shape[shape.index(-1)] = num_devices // rest
+        if total % rest:
+            raise ConfigError(f"{field}={tuple(shape)} does not divide {total} {what}")
+        shape[shape.index(-1)] = total // rest
+    elif rest != total:
+        raise ConfigError(f"{field}={tuple(shape)} covers {rest} {what}, there are {total}")
     return tuple(shape)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """A (data, fsdp, tensor) shape over exactly `num_devices`, its -1 filled in."""
+    return _fill(shape, num_devices, "TrainConfig.mesh_shape", "devices")
+
+
+def resolve_dcn_mesh_shape(dcn_shape: Sequence[int] | None, mesh_shape: Sequence[int],
+                           num_slices: int) -> tuple[int, ...] | None:
+    """The DCN part of the resolved `mesh_shape` over exactly `num_slices`, its -1 filled in;
+    None for one slice."""
+    if dcn_shape is None:
+        return None
+    dcn = _fill(dcn_shape, num_slices, "TrainConfig.dcn_mesh_shape", "slices (TPU slices, or processes)")
+    for axis, size, d in zip(("data", "fsdp", "tensor"), mesh_shape, dcn):
+        if size % d:
+            raise ConfigError(f"TrainConfig.dcn_mesh_shape={dcn}: mesh axis {axis!r} of size {size} "
+                              f"(TrainConfig.mesh_shape={tuple(mesh_shape)}) does not split over {d} slices")
+    return dcn
+
+
+def check_batch_split(batch_size: int, grad_accum_steps: int, batch_shards: int, mesh_shape: Sequence[int]) -> None:
+    """Each micro-batch must split evenly over the devices of the batch axes (data x fsdp)."""
+    if batch_size % (grad_accum_steps * batch_shards):
+        raise ConfigError(
+            f"DataConfig.batch_size={batch_size} does not split into {grad_accum_steps} micro-batches "
+            f"(OptimizerConfig.grad_accum_steps) over the {batch_shards} batch shards of mesh "
+            f"{tuple(mesh_shape)} (TrainConfig.mesh_shape; the rules' `batch` axes)")

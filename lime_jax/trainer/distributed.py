@@ -18,7 +18,9 @@ are split into one shard per process (the loader's `record i -> process i % n`).
 `process_dataset.data_shards = S` (a multiple of the process count) every process reads S/n
 shards and concatenates their batches row-wise, so the *global* batch sequence depends only on
 S, not on how many processes run: 1 process with S = 2 trains on exactly the batches that
-2 processes produce (same losses), which is how the multi-host tests and bench compare.
+2 processes produce (same losses), which is how the multi-host tests and bench compare. The
+iterator's checkpoint state is per shard (`data_state`), so a run resumes on any process count
+that divides S.
 """
 from __future__ import annotations
 
@@ -133,6 +135,15 @@ def distributed_setup(coordinator_address: str | None = None, num_processes: int
     return True
 
 
+def preemption_sync_active() -> bool:
+    """Whether JAX's distributed runtime catches SIGTERM (its preemption notifier, installed by
+    `jax.distributed.initialize` unless `jax_enable_preemption_service` is off) and lets the
+    processes agree on a step to stop at (`multihost_utils.reached_preemption_sync_point`)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.preemption_sync_manager is not None
+
+
 def add_flags(parser) -> None:
     """The multi-process flags of `lime-jax train` (each overrides its environment variable)."""
     g = parser.add_argument_group("multi-process (else $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
@@ -155,36 +166,28 @@ def flag_bindings(args) -> list[str]:
 # ----------------------------------------------------------------------------- data
 
 
-def _concat_rows(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    import numpy as np
-
-    return {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
-
-
 @gin.configurable(denylist=["cache_dir", "batch_size"])
 def process_dataset(cache_dir: str, batch_size: int, *, data_shards: int | None = None,
                     process_index: int | None = None, process_count: int | None = None,
                     **loader_kwargs):
-    """This process's batches: `batch_size` rows (the global batch / process count).
+    """This process's batches of `batch_size` rows (the global batch / process count), as a
+    `data_state.ShardedIterator` (its checkpoint state is per data shard).
 
     `data_shards=None` is one shard per process (the loader's own split). Otherwise it must be
     a multiple of the process count; process p reads shards p*k .. p*k+k-1 (k = S/n) with
     `batch_size/k` rows each and concatenates them in shard order, which reproduces the rows
     process p holds of the global batch that S processes would build.
     """
-    import grain
-    from grain.experimental import ZipIterDataset
-
     from lime_jax.data import loader
+    from lime_jax.trainer import data_state
 
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if data_shards is None:
-        return loader.build_dataset(cache_dir, batch_size=batch_size, shard_index=process_index,
-                                    shard_count=process_count, **loader_kwargs)
-    if data_shards < 1 or data_shards % process_count:
+        data_shards = process_count
+    elif data_shards < 1 or data_shards % process_count:
         raise DistributedError(f"process_dataset.data_shards={data_shards} must be a positive "
                                f"multiple of the process count ({process_count})")
     per_process = data_shards // process_count
@@ -192,14 +195,11 @@ def process_dataset(cache_dir: str, batch_size: int, *, data_shards: int | None 
         raise DistributedError(f"per-process batch size {batch_size} is not divisible by the "
                                f"{per_process} data shards each process reads "
                                f"(process_dataset.data_shards={data_shards})")
-    parts = [loader.build_dataset(cache_dir, batch_size=batch_size // per_process,
-                                  shard_index=process_index * per_process + j, shard_count=data_shards,
-                                  **loader_kwargs)
-             for j in range(per_process)]
-    if len(parts) == 1:
-        return parts[0]
-    zipped: grain.IterDataset = ZipIterDataset(parts)
-    return zipped.map(_concat_rows)
+    shards = range(process_index * per_process, (process_index + 1) * per_process)
+    return data_state.ShardedIterator(
+        {j: iter(loader.build_dataset(cache_dir, batch_size=batch_size // per_process, shard_index=j,
+                                      shard_count=data_shards, **loader_kwargs)) for j in shards},
+        data_shards)
 
 
 def quiet_non_chief_logs(logger_name: str = "lime_jax") -> None:

@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -33,16 +32,16 @@ from lime_jax.annotation.tag_sources import TAG_SOURCES_NAME
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import loader
 from lime_jax.hf.init import init_from_hf
-from lime_jax.model import ModelConfig, abstract_model, sharding
+from lime_jax.model import ModelConfig, abstract_model, attention, sharding
 from lime_jax.model.heads import check_causal
 from lime_jax.trainer import checkpoint as ckpt_lib
 from lime_jax.trainer import distributed
 from lime_jax.trainer import metrics as metrics_lib
-from lime_jax.trainer import optim
+from lime_jax.trainer import optim, profiling
 from lime_jax.trainer import state as state_lib
 from lime_jax.trainer import step as step_lib
 from lime_jax.trainer.config import (CheckpointConfig, ConfigError, DataConfig, EvalConfig, TrainConfig,
-                                     resolve_mesh_shape)
+                                     check_batch_split, resolve_dcn_mesh_shape, resolve_mesh_shape)
 from lime_jax.trainer.gin_config import check_bindings_used
 
 log = logging.getLogger(__name__)
@@ -53,20 +52,42 @@ class TrainingError(RuntimeError):
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Decides after each step whether SIGTERM asks to save and stop; every process decides alike.
 
-    def __init__(self):
-        self.requested = False
+    One process: a Python handler turns SIGTERM into a flag (main thread only). Under JAX's
+    distributed runtime its preemption notifier catches SIGTERM on any process, and the processes
+    agree in the background on the next step all of them can still reach
+    (`multihost_utils.reached_preemption_sync_point`): all save that step and exit. Local flags
+    could disagree, one process entering the save's barrier while another runs the next step's
+    collectives (a hang). The per-step check is a mutex and a compare, no collective (~10 us).
+    """
+
+    def __init__(self, start_step: int):
+        self._start = start_step
+        self._sync = distributed.preemption_sync_active()
+        self._flag = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal() needs it
+        if self._sync:
+            return self  # a Python handler would replace the runtime's and hide SIGTERM from it
+        if jax.process_count() > 1:
+            log.warning("jax_enable_preemption_service is off: SIGTERM stops a process without a checkpoint "
+                        "(the processes cannot agree on a step to save)")
+        elif threading.current_thread() is threading.main_thread():  # signal() needs it
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self._flag = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save `step` and stop; call once after every step."""
+        if self._sync:
+            # The runtime counts this invocation's steps, which every process starts together.
+            return multihost_utils.reached_preemption_sync_point(step - self._start)
+        return self._flag
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -83,7 +104,7 @@ def _datasets(data: DataConfig, cfg: ModelConfig, seed: int) -> tuple[Iterator[d
     local_batch = data.batch_size // n_proc
     cache_kwargs = dict(seq_len=data.seq_len, batch_size=local_batch, shift=data.metadata_shift,
                         tags=cfg.metadata_names, heads=[(n, a) for n, _, a, _ in cfg.tag_heads],
-                        check_hashes=data.check_cache_hashes, read_threads=data.read_threads,
+                        read_threads=data.read_threads,
                         expected_vocab_sizes={"targets": cfg.vocab_size,
                                               **{f"targets_{n}": s for n, s in cfg.metadata},
                                               **{f"targets_{n}": s for n, s, _, _ in cfg.tag_heads}})
@@ -204,11 +225,14 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     preemption would.
     """
     t_start = time.perf_counter()
+    if train_cfg.compilation_cache_dir:
+        profiling.use_compilation_cache(train_cfg.compilation_cache_dir)  # before anything compiles
     # Flags, JAX_* variables or a cluster launcher make this one of several processes.
     distributed.distributed_setup(force=train_cfg.initialize_distributed)
     cfg = ModelConfig()
     try:
         check_causal(cfg.tag_heads, data.metadata_shift, bool(cfg.metadata))
+        attention.check_packed_support(cfg.attention, data.seq_len)  # training batches are always packed
     except ValueError as e:
         raise ConfigError(str(e)) from None
     opt_cfg = optim.OptimizerConfig()
@@ -220,7 +244,11 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     is_chief = jax.process_index() == 0
     distributed.quiet_non_chief_logs()
 
-    mesh = sharding.make_mesh(resolve_mesh_shape(train_cfg.mesh_shape, jax.device_count()))
+    mesh_shape = resolve_mesh_shape(train_cfg.mesh_shape, jax.device_count())
+    mesh = sharding.make_mesh(mesh_shape, resolve_dcn_mesh_shape(train_cfg.dcn_mesh_shape, mesh_shape,
+                                                                 sharding.num_slices()))
+    check_batch_split(data.batch_size, opt_cfg.grad_accum_steps, sharding.axis_size(mesh, rules, "batch"),
+                      mesh_shape)
     data_sharding = sharding.batch_sharding(mesh, rules)
     train_iter, eval_sets = _datasets(data, cfg, train_cfg.seed)
 
@@ -233,13 +261,12 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     # before any state is built or compiled, and the operative config is complete.
     hf_init = init_from_hf(cfg)  # INIT_FROM_HF: checked now, applied to a fresh state below
     check_bindings_used(bindings)
-    os.makedirs(train_cfg.model_dir, exist_ok=True)
+    model_dir = ckpt_lib.absolute(train_cfg.model_dir)  # an epath, as Orbax's: local or gs://
+    model_dir.mkdir(parents=True, exist_ok=True)
     if is_chief:
-        with open(os.path.join(train_cfg.model_dir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        (model_dir / "config.gin").write_text(gin.operative_config_str())
         # Every figure of the run is labelled with where its tags came from (oracle or honest).
-        with open(os.path.join(train_cfg.model_dir, TAG_SOURCES_NAME), "w") as f:
-            json.dump(tag_sources_of(data), f, indent=1)
+        (model_dir / TAG_SOURCES_NAME).write_text(json.dumps(tag_sources_of(data), indent=1))
 
     abstract = state_lib.abstract_train_state(abstract_params, tx)
     state_sh = state_lib.train_state_shardings(abstract, mesh, rules)
@@ -298,17 +325,21 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     step = start
     preempted = False
     try:
-        with Preemption() as preemption:
+        with Preemption(start) as preemption, profiling.StepProfiler(
+                train_cfg.profile_steps, train_cfg.model_dir, enabled=is_chief) as profiler:
             while step < end:
                 batch = to_device(next(train_iter))
+                profiler.before(step + 1, state)
                 with jax.set_mesh(mesh):
                     state, dev_metrics = step_fn(state, batch)
                 step += 1
+                profiler.after(step, state)
                 if pending is not None:
                     step_metrics.handle(*pending)
                 pending = (step, dev_metrics)
                 eval_due = bool(eval_sets) and (step % eval_cfg.every == 0 or step == train_steps)
-                save_due = step % ckpt_cfg.every == 0 or step == end or preemption.requested
+                stop = preemption.reached(step)
+                save_due = step % ckpt_cfg.every == 0 or step == end or stop
                 if eval_due or save_due:
                     step_metrics.handle(*pending)  # never save or evaluate a state whose step went bad
                     pending = None
@@ -322,7 +353,7 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
                     writer.write(step, {"checkpoint_save_s": time.perf_counter() - t0}, prefix="train/")
                 if eval_due or save_due:
                     step_metrics.pause()
-                if preemption.requested:
+                if stop:
                     preempted = True
                     log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
                     break
@@ -339,7 +370,7 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     tokens_per_s, mfu = step_metrics.rates()
     last_eval = last_evals.get("eval", {})
     return {
-        "model_dir": os.path.abspath(train_cfg.model_dir),
+        "model_dir": str(model_dir),
         "params": n_params,
         "start_step": start,
         "step": step,

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 from collections.abc import Iterator, Mapping
+
+from etils import epath
 
 from lime_jax import progress as progress_lib
 
@@ -72,9 +73,10 @@ class MetricsWriter:
     so the calling code needs no branches. A run resumed at `resume_step` first drops the jsonl
     rows of later steps (written before a kill, then lost with the uncheckpointed steps) and a
     line cut short by the kill, so every step appears once, from the timeline that survived.
+    The model dir is an `etils.epath` path, as Orbax's are: local or gs://.
     """
 
-    def __init__(self, model_dir: str, enabled: bool = True, jsonl_name: str = "metrics.jsonl",
+    def __init__(self, model_dir: epath.PathLike, enabled: bool = True, jsonl_name: str = "metrics.jsonl",
                  resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
@@ -82,13 +84,19 @@ class MetricsWriter:
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # deferred: only the chief writes events
+        from tensorboardX import record_writer
 
-        os.makedirs(model_dir, exist_ok=True)
-        path = os.path.join(model_dir, jsonl_name)
-        if resume_step is not None and os.path.exists(path):
+        # tensorboardX's own gs:// writer needs google-cloud-storage: write events through epath.
+        record_writer.register_writer_factory("gs", _EpathEventFiles())
+        model_dir = epath.Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        path = model_dir / jsonl_name
+        if resume_step is not None and path.exists():
             _truncate_jsonl(path, resume_step)
-        self._tb = SummaryWriter(logdir=os.path.join(model_dir, "tb"), flush_secs=10)
-        self._jsonl = open(path, "a", encoding="utf-8")
+        tb_dir = model_dir / "tb"
+        tb_dir.mkdir(exist_ok=True)
+        self._tb = SummaryWriter(logdir=str(tb_dir), flush_secs=10)
+        self._jsonl = path.open("a")
 
     def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -113,34 +121,43 @@ class MetricsWriter:
             self.enabled = False
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
+class _EpathEventFiles:
+    """A tensorboardX writer factory: event files opened through epath."""
+
+    def open(self, path: str):
+        return epath.Path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
     kept, dropped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the last line, cut short by a kill
-                dropped += 1
-                continue
-            if row.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
+    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line, cut short by a kill
+            dropped += 1
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
     if dropped:
         log.info("%s: dropped %d row(s) after step %d (lost with the steps after the checkpoint)",
                  path, dropped, last_step)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: epath.PathLike) -> list[dict]:
+    return [json.loads(line) for line in epath.Path(path).read_text().split("\n") if line.strip()]
 
 
-def read_event_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+def read_event_scalars(logdir: epath.PathLike) -> dict[str, list[tuple[int, float]]]:
     """Parses every TensorBoard event file under `logdir`: tag -> [(step, value)].
 
     Reads the TFRecord framing (length, crc, payload, crc) and decodes `Event` protos with
@@ -149,19 +166,19 @@ def read_event_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list[tuple[int, float]]] = {}
-    for root, _, files in os.walk(logdir):
+    for root, _, files in epath.Path(logdir).walk():
         for name in sorted(files):
             if "tfevents" not in name:
                 continue
-            for payload in _tfrecords(os.path.join(root, name)):
+            for payload in _tfrecords(root / name):
                 event = event_pb2.Event.FromString(payload)
                 for v in event.summary.value:
                     out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
     return out
 
 
-def _tfrecords(path: str) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+def _tfrecords(path: epath.Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
         while header := f.read(12):
             if len(header) < 12:
                 raise ValueError(f"{path}: truncated record header")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lime_jax.features import head_id, target_feature
 from lime_jax.ids import PAD_ID
-from lime_jax.model import loss_and_metrics
+from lime_jax.model import loss_and_metrics, sharding
 from lime_jax.model.loss import batch_metadata_keys
 from lime_jax.trainer.state import TrainState
 
@@ -56,11 +56,51 @@ def drop_metadata(batch: dict, key_data: jax.Array, step: jax.Array, rate: float
     return {**batch, **{k: jnp.where(keep, batch[k], 0) for k in tag_keys}}
 
 
+def _read_in_compute_dtype(logical_axes: tuple) -> bool:
+    """The params `gather_params_in_compute_dtype` casts: the matrices the model only ever reads
+    cast to the compute dtype, each once per forward (attention, MLP and tag-head kernels: `embed`
+    by something), so casting them earlier changes no number, gradients included. Left alone: the
+    token table and an untied LM head (`vocab`: the lookup reads the table in f32 and scatter-adds
+    its gradient over repeated tokens, and the chunked loss sums the head's gradient over chunks:
+    sums that bf16 would round), metadata tables (replicated: nothing to gather), norm scales and
+    scalars (read in f32, tiny)."""
+    per_layer = [a for a in logical_axes if a != "layers"]  # scan_layers stacks a leading `layers` axis
+    return len(per_layer) >= 2 and "embed" in per_layer and "vocab" not in per_layer
+
+
+def compute_params(graphdef: nnx.GraphDef, params):
+    """`params` as the steps hand them to the model: unchanged, or, with
+    `ModelConfig.gather_params_in_compute_dtype`, the matrices of `_read_in_compute_dtype` cast to
+    the compute dtype and pinned to their own sharded layout, so that their FSDP all-gathers move
+    compute-dtype bytes whatever the partitioner would choose. (XLA under JAX 0.10.2 already moves
+    the model's at-use cast before the gather: the partitioned train step gathers these matrices in
+    bf16 with or without the flag.) The steps differentiate with respect to the result and cast
+    the gradients back (`_to_param_dtype`): bitwise the gradients through the model's own cast."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    if not cfg.gather_params_in_compute_dtype or cfg.jnp_dtype == cfg.jnp_param_dtype:
+        return params
+
+    def cast(v):
+        axes = v.get_metadata().get("logical_axes")
+        if not isinstance(v, nnx.Param) or axes is None or not _read_in_compute_dtype(axes):
+            return v
+        return v.replace(sharding.constrain(v.get_value().astype(cfg.jnp_dtype), axes, model.rules))
+
+    return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _to_param_dtype(grads, params):
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     accum_steps: int = 1, metadata_dropout: float = 0.0
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`step(state, batch) -> (state, metrics)` (unjitted): one optimizer update on `batch`, in
-    `accum_steps` micro-batches of equal rows. The z-loss weight is the model's (`ModelConfig.z_loss`)."""
+    `accum_steps` micro-batches of equal rows. The z-loss weight is the model's (`ModelConfig.z_loss`).
+    With `ModelConfig.gather_params_in_compute_dtype` the model reads `compute_params`, cast once
+    per step (before the accumulation loop), and the optimizer updates the f32 params."""
 
     def objective(params, batch):
         return loss_and_metrics(nnx.merge(graphdef, params), batch)
@@ -85,9 +125,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
     share_grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
-    def accumulated(params, batch_BxL):
+    def accumulated(params, batch_BxL, zero_grads):
+        # Micro-batch a holds rows a, A+a, 2A+a, ...: each device (and host) keeps its share of
+        # every micro-batch, where contiguous row blocks would put a micro-batch on some devices
+        # only and move rows between them at every micro-step.
         micro_AxMxL = jax.tree.map(
-            lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch_BxL)
+            lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch_BxL)
         weights = batch_BxL["decoder_loss_weights"].astype(jnp.float32)
         totals = {"num_tokens": jnp.maximum(jnp.sum(weights), 1.0)}
         for name, _, ahead, _ in nnx.merge(graphdef, params).cfg.tag_heads:  # a head's targets: PAD is none
@@ -97,11 +140,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         def body(carry, mb):
             g_sum, m_sum, total = carry
             (share, m), g = share_grad_fn(params, mb, totals)
-            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, summed(m)), total + share), None
+            g_sum = jax.tree.map(jnp.add, g_sum, _to_param_dtype(g, g_sum))  # summed in the params' dtype
+            return (g_sum, jax.tree.map(jnp.add, m_sum, summed(m)), total + share), None
 
         first = jax.tree.map(lambda x: x[0], micro_AxMxL)
         keys = jax.eval_shape(lambda p, b: summed(loss_and_metrics(nnx.merge(graphdef, p), b)[1]), params, first)
-        zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.zeros((), jnp.float32) for k in keys},
+        zeros = (zero_grads, {k: jnp.zeros((), jnp.float32) for k in keys},
                  jnp.zeros((), jnp.float32))
         (grads, m_sum, total), _ = jax.lax.scan(body, zeros, micro_AxMxL)
         denom = totals["num_tokens"]
@@ -110,10 +154,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         batch = drop_metadata(batch, state.rng, state.step, metadata_dropout)
+        params = compute_params(graphdef, state.params)
         if accum_steps == 1:
-            (_, m), grads = grad_fn(state.params, batch)
+            (_, m), grads = grad_fn(params, batch)
+            grads = _to_param_dtype(grads, state.params)
         else:
-            m, grads = accumulated(state.params, batch)
+            m, grads = accumulated(params, batch, jax.tree.map(jnp.zeros_like, state.params))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
@@ -143,7 +189,7 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[object, dict], dict]:
     `<head id>/{loss_sum, num_tags, num_correct}` (sums add over batches)."""
 
     def step(params, batch):
-        _, m = loss_and_metrics(nnx.merge(graphdef, params), batch)
+        _, m = loss_and_metrics(nnx.merge(graphdef, compute_params(graphdef, params)), batch)
         return {**{k: m[k] for k in ("loss_sum", "num_tokens", "num_correct")}, **_head_sums(m)}
 
     return step
