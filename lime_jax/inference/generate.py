@@ -35,7 +35,6 @@ LIME+1 prompt tags come from annotating the prompt (with `--guide-from`, prompt 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Callable, Sequence
 
@@ -118,7 +117,7 @@ class ShardedDecoder:
 
     `placement_for(B)` (`model_dir.LoadedModel.placement`) says where a batch of B rows runs:
     its decoder (over parameters that stay on the devices, jitted once per shape; its KV cache
-    sharded on the same mesh, `placed_decoder`), the mesh every call runs under, and where batch
+    sharded on the same mesh, `IncrementalDecoder(model, mesh)`), the mesh every call runs under, and where batch
     inputs (batch dim first) go. Host arrays reach the devices by `jax.device_put` only,
     sampling keys replicated, so after set-up a decoding step moves its inputs in and its
     results out, nothing else. `as_sharded` wraps a bare decoder.
@@ -159,37 +158,6 @@ class ShardedDecoder:
         key = jax.device_put(key, None if placement.mesh is None else NamedSharding(placement.mesh, PartitionSpec()))
         with self._on_mesh(placement):
             return placement.decoder.sample(logits_BxV, key, temperature, top_k, top_p)
-
-
-def placed_decoder(model, mesh):
-    """An `IncrementalDecoder` of `model` (its parameters on `mesh`) whose KV cache is made in
-    its shards on `mesh` (`decode.cache_shardings` by the model's rules: batch and KV heads split
-    as the activations are, not a copy per device) and leaves every `extend` sharded as it came
-    in: XLA writes a donated cache in place only into an output sharded alike."""
-    return _placed_decoder_class()(model, mesh)
-
-
-@functools.cache
-def _placed_decoder_class():
-    # Built on first use: this module imports jax only when it decodes (the CLI starts without it).
-    import jax
-
-    from lime_jax.model import decode
-
-    class PlacedDecoder(decode.IncrementalDecoder):
-        def __init__(self, model, mesh):
-            super().__init__(model)
-            self.mesh, self.rules = mesh, model.rules
-
-        def init_cache(self, batch_size: int, max_len: int) -> dict:
-            return decode.init_cache(self.cfg, batch_size, max_len, mesh=self.mesh, rules=self.rules)
-
-        def _extend_fn(self, state, cache, *args, **kwargs):
-            *out, new_cache = super()._extend_fn(state, cache, *args, **kwargs)
-            shardings = decode.cache_shardings(self.cfg, *cache["valid"].shape, self.mesh, self.rules)
-            return (*out, jax.lax.with_sharding_constraint(new_cache, shardings))  # = out_shardings
-
-    return PlacedDecoder
 
 
 def as_sharded(inc) -> ShardedDecoder:

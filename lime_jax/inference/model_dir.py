@@ -201,8 +201,8 @@ def _shard_error(abstract, shape: tuple[int, ...], rules) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where a batch of one size runs: `model` (and its KV-cache `decoder`, the cache sharded
-    alike: `generate.placed_decoder`) under `mesh`, inputs put on `batch_sharding` (batch dim
-    first). No mesh: the default device (a bare IncrementalDecoder)."""
+    alike: `decode.IncrementalDecoder(model, mesh)`) under `mesh`, inputs put on
+    `batch_sharding` (batch dim first). No mesh: the default device (a bare IncrementalDecoder)."""
 
     model: Any
     decoder: Any  # lime_jax.model.decode.IncrementalDecoder of `model`
@@ -253,8 +253,8 @@ class LoadedModel:
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from lime_jax.inference.generate import placed_decoder
         from lime_jax.model import abstract_model, sharding
+        from lime_jax.model.decode import IncrementalDecoder
 
         rules = self.model.rules
         mesh = self.mesh if batch % sharding.axis_size(self.mesh, rules, "batch") == 0 else self._replica_mesh
@@ -271,7 +271,7 @@ class LoadedModel:
                 rules = tuple((name, None if name == "batch" else axes) for name, axes in rules)
                 graphdef = abstract_model(self.cfg, rules)[0]
             model = nnx.merge(graphdef, params)
-            self._placements[key] = Placement(model, placed_decoder(model, mesh), mesh,
+            self._placements[key] = Placement(model, IncrementalDecoder(model, mesh), mesh,
                                               NamedSharding(mesh, PartitionSpec(dict(rules).get("batch"))))
         return self._placements[key]
 

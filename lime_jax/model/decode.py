@@ -130,19 +130,28 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float = 0.0, top_
 
 
 class IncrementalDecoder:
-    """Jitted `extend` and `sample` over one model's parameters (split once)."""
+    """Jitted `extend` and `sample` over one model's parameters (split once).
 
-    def __init__(self, model):
-        self.cfg = model.cfg
+    With `mesh` (the one the parameters live on), the KV cache is made in its shards there
+    (`cache_shardings` by the model's rules) and every `extend` returns it sharded alike: XLA
+    writes a donated cache in place only into an output sharded as the input.
+    """
+
+    def __init__(self, model, mesh: jax.sharding.Mesh | None = None):
+        self.cfg, self.mesh, self.rules = model.cfg, mesh, model.rules
         self.graphdef, self.state = nnx.split(model)
         self._extend = jax.jit(self._extend_fn, donate_argnums=(1,), static_argnames=("heads",))
         self._sample = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))
 
     def _extend_fn(self, state, cache, tokens_BxT, metadata, valid_BxT, heads=False):
-        return extend(nnx.merge(self.graphdef, state), cache, tokens_BxT, metadata, valid_BxT, heads)
+        *out, new_cache = extend(nnx.merge(self.graphdef, state), cache, tokens_BxT, metadata, valid_BxT, heads)
+        if self.mesh is not None:
+            shardings = cache_shardings(self.cfg, *cache["valid"].shape, self.mesh, self.rules)
+            new_cache = jax.lax.with_sharding_constraint(new_cache, shardings)
+        return (*out, new_cache)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
-        return init_cache(self.cfg, batch_size, max_len)
+        return init_cache(self.cfg, batch_size, max_len, mesh=self.mesh, rules=self.rules)
 
     def extend(self, cache, tokens_BxT, metadata: Mapping[str, jax.Array] | None = None, valid_BxT=None,
                heads: bool = False):
