@@ -38,6 +38,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -140,6 +141,27 @@ def _from_process_0(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _agree_on_newest_intact(directory: epath.Path, steps: list[int], required: tuple[str, ...],
+                            damaged: Callable[[int, str], None]) -> int:
+    """The first of `steps` whose files match their seal, or `_NONE_INTACT`, on every process:
+    process 0 checks them in order, calling `damaged(step, problem)` for each that fails, and
+    shares the verdict. Raises CheckpointError on every process when process 0 cannot check."""
+    found, failure = _NONE_INTACT, None
+    if jax.process_index() == 0:
+        try:
+            for step in steps:
+                problem = check_step_dir(directory / str(step), required)
+                if problem is None:
+                    found = step
+                    break
+                damaged(step, problem)
+        except Exception as e:  # e.g. an I/O error: share it, the others wait for a verdict
+            found, failure = _CHIEF_FAILED, e
+    found = _from_process_0(found)
+    _raise_if_chief_failed(found, f"checking the checkpoint seals in {directory}", failure)
+    return found
 
 
 def _raise_if_chief_failed(verdict: int, what: str, error: Exception | None) -> None:
@@ -291,19 +313,7 @@ class Checkpointer:
 
         below = steps[0] + 1
         while True:
-            candidate, failure = _NONE_INTACT, None
-            if chief:
-                try:
-                    for step in (s for s in steps if s < below):
-                        problem = check_step_dir(self.step_dir(step), required)
-                        if problem is None:
-                            candidate = step
-                            break
-                        damaged(step, problem)
-                except Exception as e:  # e.g. an I/O error: share it, the others wait for a verdict
-                    candidate, failure = _CHIEF_FAILED, e
-            step = _from_process_0(candidate)
-            _raise_if_chief_failed(step, f"checking the checkpoint seals in {self.directory}", failure)
+            step = _agree_on_newest_intact(self.directory, [s for s in steps if s < below], required, damaged)
             if step == _NONE_INTACT:
                 break
             try:
@@ -373,20 +383,12 @@ def restore_params(model_dir: epath.PathLike, abstract_params: Any, step: int | 
         if step is not None and step not in steps:
             raise NoIntactCheckpointError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
         problems = []
-        found, failure = _NONE_INTACT, None
-        if jax.process_index() == 0:
-            try:
-                for s in ([step] if step is not None else steps):
-                    problem = check_step_dir(directory / str(s), ("params",))
-                    if problem is None:
-                        found = s
-                        break
-                    log.warning("checkpoint %s is damaged: %s", directory / str(s), problem)
-                    problems.append(f"step {s}: {problem}")
-            except Exception as e:  # e.g. an I/O error: share it, the others wait for a verdict
-                found, failure = _CHIEF_FAILED, e
-        found = _from_process_0(found)
-        _raise_if_chief_failed(found, f"checking the checkpoint seals in {directory}", failure)
+
+        def damaged(s: int, problem: str) -> None:
+            log.warning("checkpoint %s is damaged: %s", directory / str(s), problem)
+            problems.append(f"step {s}: {problem}")
+
+        found = _agree_on_newest_intact(directory, [step] if step is not None else steps, ("params",), damaged)
         if found == _NONE_INTACT:
             detail = ("; ".join(problems) if jax.process_index() == 0
                       else "process 0 checked the seals; its log names the damage")
