@@ -52,6 +52,11 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def _mesh_axes(axes: MeshAxes) -> tuple[str, ...]:
+    """A rule's mesh axes as a tuple: None -> (), "fsdp" -> ("fsdp",)."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def validate_rules(rules: Rules | Mapping[str, MeshAxes]) -> Rules:
     """Checks a rules table and returns it as a hashable tuple (it is static jit state)."""
     items = tuple(rules.items()) if isinstance(rules, Mapping) else tuple(tuple(r) for r in rules)
@@ -66,7 +71,7 @@ def validate_rules(rules: Rules | Mapping[str, MeshAxes]) -> Rules:
         if name in seen:
             raise ValueError(f"sharding rules: logical axis {name!r} appears twice")
         seen.add(name)
-        axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = _mesh_axes(axes)
         for a in axes_t:
             if a not in MESH_AXES:
                 raise ValueError(
@@ -111,7 +116,7 @@ def logical_to_pspec(
         if name not in LOGICAL_AXES:
             raise ValueError(f"unknown logical axis name {name!r}; known: {LOGICAL_AXES}")
         axes = table.get(name)
-        axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = _mesh_axes(axes)
         for a in axes_t:
             if a in owner:
                 raise ValueError(f"sharding rules map logical axes {owner[a]!r} and {name!r} of "
@@ -222,9 +227,7 @@ def make_mesh(shape: Sequence[int], dcn_shape: Sequence[int] | None = None,
 
 def axis_size(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: Rules, name: str) -> int:
     """How many ways the rules split logical axis `name` on `mesh` (e.g. "batch": data x fsdp)."""
-    axes = dict(rules).get(name)
-    axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes_t)
+    return math.prod(mesh.shape[a] for a in _mesh_axes(dict(rules).get(name)))
 
 
 def is_variable(x: Any) -> bool:

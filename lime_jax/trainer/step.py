@@ -87,7 +87,7 @@ def compute_params(graphdef: nnx.GraphDef, params):
             return v
         return v.replace(sharding.constrain(v.get_value().astype(cfg.jnp_dtype), axes, model.rules))
 
-    return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(cast, params, is_leaf=sharding.is_variable)
 
 
 def _to_param_dtype(grads, params):
