@@ -220,3 +220,13 @@ def test_verify_cache_command_hashes_every_shard(built, capsys):
     assert f"OK       {_shard(d, 0)}" in out and f"OK       {_shard(d, 2)}" in out
     assert f"MISMATCH {_shard(d)}: sha256" in out
     assert f"{d}: 1 mismatch(es): {_shard(d)}: sha256" in err
+
+
+def test_a_manifest_that_is_not_utf8_is_named(tmp_path, capsys):
+    from lime_jax import cli
+
+    (tmp_path / cache.MANIFEST_NAME).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(cache.CacheError, match=r"manifest.json: not UTF-8 text \(byte 0\)"):
+        cache.load_manifest(str(tmp_path))
+    assert cli.main(["verify-cache", str(tmp_path)]) == 1
+    assert "manifest.json: not UTF-8 text" in capsys.readouterr().err

@@ -206,6 +206,8 @@ def load_manifest(out_dir: str) -> dict:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
         raise CacheError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CacheError(f"{path}: not UTF-8 text (byte {e.start}): not a manifest written by lime_jax") from None
     if not isinstance(manifest, dict):
         raise CacheError(f"{path}: expected a JSON object at the top level")
     return _validate_manifest(manifest, path)
