@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gin_bindings", action="append", default=[], help="extra gin bindings")
     args = p.parse_args(argv)
 
+    from lime_jax import host_memory
+    host_memory.keep_freed_memory()  # as `lime-jax train` runs: before JAX starts (see host_memory.py)
     from lime_jax.trainer import gin_config
     from lime_jax.trainer import train as train_lib
     from lime_jax.model import ModelConfig

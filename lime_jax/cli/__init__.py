@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 
+from lime_jax import host_memory
+
 # name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "spm-train": ("lime_jax.cli.spm_train", "train a SentencePiece model on text files"),
@@ -36,6 +38,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    host_memory.keep_freed_memory()  # before any subcommand starts JAX's CPU client
     try:
         try:
             return _dispatch(list(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,43 @@
+"""The host allocator policy (`lime_jax/host_memory.py`): XLA:CPU temporaries stop being faulted
+in again at every execution. Each case runs in a fresh process, since the policy must come
+before JAX starts its CPU threads."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+# A jitted function whose temporaries (two [2048, 8192] f32 products, 128 MiB: above the 32 MiB up
+# to which glibc's own heuristics stop unmapping) are one block: the median of its executions'
+# minor page faults, with the policy set (or not) before JAX starts.
+_FAULTS_PER_RUN = """
+import resource, statistics
+from lime_jax import host_memory
+applied = host_memory.keep_freed_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, y: jnp.sum((x @ y) * ((2 * x) @ y)))
+x, y = jnp.ones((2048, 128)), jnp.full((128, 8192), 1e-3)
+faults = []
+for _ in range(12):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x, y).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, statistics.median(faults[2:]))  # after compiling and the heap's first growth
+"""
+
+
+def _faults_per_run(policy: str) -> tuple[bool, float]:
+    env = {**os.environ, "LIME_JAX_HOST_MALLOC": policy}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_RUN], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    return out[-2] == "True", float(out[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc policy")
+def test_temporaries_are_not_faulted_in_again():
+    applied, faults = _faults_per_run("")
+    unset, faults_without = _faults_per_run("system")
+    assert applied and not unset
+    if faults_without < 10_000:
+        pytest.skip(f"this allocator does not fault temporaries in again ({faults_without} faults a run)")
+    assert faults < 1000, (faults, faults_without)
