@@ -6,7 +6,10 @@ fresh `mmap` in the thread's arena and unmaps it on `free`, so every step faults
 in again, page by page: 55,000 minor faults a step, a third of a 2-core machine's time spent in
 the kernel (`bench/train_throughput.py`). With a single arena (which grows by `brk` without a
 size cap), no `mmap` for large blocks and no trimming, a freed block is reused by the next step.
-The price: the process keeps its peak heap until it exits, as a caching allocator would.
+The price: the process keeps its peak heap until it exits, as a caching allocator would, which
+is why the policy is only set where JAX will compute on the CPU (`JAX_PLATFORMS` starting with
+`cpu`, or no GPU or TPU plugin installed): an accelerator host's large host buffers (a restored
+checkpoint on its way to the devices) go back to the system.
 
 Threads choose their arena at their first allocation, so the policy only reaches XLA's CPU
 threads if it is set before JAX creates its CPU client: `lime-jax` sets it first thing, and
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import logging
 import os
 import platform
@@ -41,6 +45,8 @@ def keep_freed_memory() -> bool:
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False  # other allocators (musl, macOS) have neither the problem's cause nor mallopt
+    if not jax_computes_on_cpu():
+        return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     ok = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
@@ -49,3 +55,16 @@ def keep_freed_memory() -> bool:
                     "temporaries in again every step")
     _applied = ok
     return ok
+
+
+def jax_computes_on_cpu() -> bool:
+    """Whether JAX's default backend will be its CPU client, judged without starting JAX:
+    `JAX_PLATFORMS` names cpu first, or it is unset and no accelerator plugin (`jax_plugins`,
+    as jax[cuda] installs, or libtpu) is installed for JAX to prefer."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    from importlib import metadata
+
+    return (importlib.util.find_spec("libtpu") is None and importlib.util.find_spec("jax_plugins") is None
+            and not list(metadata.entry_points(group="jax_plugins")))

@@ -41,3 +41,12 @@ def test_temporaries_are_not_faulted_in_again():
     if faults_without < 10_000:
         pytest.skip(f"this allocator does not fault temporaries in again ({faults_without} faults a run)")
     assert faults < 1000, (faults, faults_without)
+
+
+@pytest.mark.parametrize("platforms, on_cpu", [("cpu", True), ("cpu,cuda", True), ("cuda", False),
+                                               ("tpu,cpu", False)])
+def test_policy_only_where_jax_computes_on_cpu(monkeypatch, platforms, on_cpu):
+    from lime_jax import host_memory
+
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host_memory.jax_computes_on_cpu() is on_cpu
