@@ -155,6 +155,18 @@ def test_golden_loss_and_grad_norms(lime, batch):
     assert abs(got["loss"] - math.log(TINY.vocab_size)) < 1.5
 
 
+def test_lm_hits_are_argmax_hits(lime, batch):
+    """`num_correct` compares each target's logit with the row max (no argmax pass): the same count
+    as argmax == target. Half the targets are made the model's own argmax so there are hits."""
+    top_BxL = np.asarray(jnp.argmax(logits_of(lime, batch), axis=-1))
+    even_BxL = (np.arange(top_BxL.shape[1]) % 2 == 0)[None] & (batch["decoder_loss_weights"] > 0)
+    batch = {**batch, "decoder_target_tokens": np.where(even_BxL, top_BxL, batch["decoder_target_tokens"])}
+    _, m = loss_and_metrics(lime, batch)
+    hits_BxL = np.asarray(jnp.argmax(logits_of(lime, batch), axis=-1)) == batch["decoder_target_tokens"]
+    want = float(np.sum(hits_BxL * batch["decoder_loss_weights"]))
+    assert float(m["num_correct"]) == want >= even_BxL.sum(), (m["num_correct"], want, even_BxL.sum())
+
+
 def test_learned_weights_bf16_compute_and_untied_head():
     cfg = TINY.replace(n_layers=1, metadata_weight="learned", metadata_weight_init=0.5,
                        dtype="bfloat16", tie_embeddings=False)
