@@ -12,14 +12,13 @@ is why the policy is only set where JAX will compute on the CPU (`JAX_PLATFORMS`
 checkpoint on its way to the devices) go back to the system.
 
 Threads choose their arena at their first allocation, so the policy only reaches XLA's CPU
-threads if it is set before JAX creates its CPU client: `lime-jax` sets it first thing, and
-`trainer.loop.run` does for callers that train from Python (in time if JAX has not run anything
-yet). `LIME_JAX_HOST_MALLOC=system` leaves glibc's defaults alone.
+threads if it is set before JAX creates its CPU client: `lime-jax` sets it first thing for its
+JAX subcommands; a Python script calls `keep_freed_memory()` before its first JAX computation
+(as `bench/train_throughput.py` does). `LIME_JAX_HOST_MALLOC=system` leaves glibc's defaults alone.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.util
 import logging
 import os
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 OPT_OUT_ENV = "LIME_JAX_HOST_MALLOC"
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_NEVER_TRIM = 2**31 - 1  # the largest value the int parameter takes
+_NEVER_TRIM = -1  # mallopt(3): a trim threshold of -1 disables trimming
 
 _applied = False
 
@@ -47,7 +46,7 @@ def keep_freed_memory() -> bool:
         return False  # other allocators (musl, macOS) have neither the problem's cause nor mallopt
     if not jax_computes_on_cpu():
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL("libc.so.6")
     ok = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
     if not ok:

@@ -2,6 +2,7 @@
 in again at every execution. Each case runs in a fresh process, since the policy must come
 before JAX starts its CPU threads."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -27,13 +28,14 @@ print(applied, statistics.median(faults[2:]))  # after compiling and the heap's 
 
 
 def _faults_per_run(policy: str) -> tuple[bool, float]:
-    env = {**os.environ, "LIME_JAX_HOST_MALLOC": policy}
+    env = {**os.environ, "LIME_JAX_HOST_MALLOC": policy, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", _FAULTS_PER_RUN], env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout.split()
     return out[-2] == "True", float(out[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc policy")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="a glibc policy")
 def test_temporaries_are_not_faulted_in_again():
     applied, faults = _faults_per_run("")
     unset, faults_without = _faults_per_run("system")
@@ -50,3 +52,11 @@ def test_policy_only_where_jax_computes_on_cpu(monkeypatch, platforms, on_cpu):
 
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert host_memory.jax_computes_on_cpu() is on_cpu
+
+
+def test_cli_sets_it_for_jax_subcommands_only():
+    from lime_jax import cli
+
+    assert cli.JAX_COMMANDS < set(cli.COMMANDS)
+    assert {"train", "eval", "generate", "quickstart"} <= cli.JAX_COMMANDS
+    assert not {"spm-train", "annotate", "show", "verify-cache"} & cli.JAX_COMMANDS

@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lime_jax.cli.export", "write a run as a Hugging Face directory (transformers' Gemma; LIME with tag tables)"),
 }
 
+# The subcommands that compute with JAX: they get the host allocator policy (host_memory.py);
+# the others (SentencePiece, spaCy workers) keep glibc's defaults.
+JAX_COMMANDS = frozenset({"train", "quickstart", "eval", "generate", "aot", "tagger", "export"})
+
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
@@ -38,7 +42,6 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    host_memory.keep_freed_memory()  # before any subcommand starts JAX's CPU client
     try:
         try:
             return _dispatch(list(sys.argv[1:] if argv is None else argv))
@@ -60,6 +63,8 @@ def _dispatch(argv: list[str]) -> int:
     if name not in COMMANDS:
         print(f"lime-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in JAX_COMMANDS:
+        host_memory.keep_freed_memory()  # before the subcommand starts JAX's CPU client
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

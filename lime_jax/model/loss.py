@@ -57,8 +57,8 @@ def loss_and_metrics(
     with `z_loss` from the model's config.
 
     Metrics (f32 scalars): `loss` (cross entropy only), `loss_sum`, `z_loss`, `num_tokens`
-    (sum of weights), `num_correct` (weighted argmax hits), `objective` (the returned loss), and
-    per tag head (`heads.py`)
+    (sum of weights), `num_correct` (weighted hits: targets whose logit is the row's largest, an
+    exact tie included), `objective` (the returned loss), and per tag head (`heads.py`)
     `<head id>/loss`, `<head id>/loss_sum`, `<head id>/num_tags`, `<head id>/num_correct`. The
     returned loss is the objective to differentiate: cross entropy + z-loss term + each head's
     `weight * loss`.
@@ -116,7 +116,7 @@ def loss_and_metrics(
 
 
 def _lm_token_stats(model, x_BxLxD: jax.Array, targets_BxL: jax.Array):
-    """(-log p(target), logZ, argmax hit) per position, f32 [B, L], from the LM head's logits.
+    """(-log p(target), logZ, hit) per position, f32 [B, L], from the LM head's logits.
 
     A hit is a target whose logit is the largest: the max that logZ subtracts anyway, where an
     argmax would be one more pass over the [B, L, V] logits (a tenth of a CPU train step). Only an

@@ -28,7 +28,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lime_jax import host_memory
 from lime_jax.annotation.tag_sources import TAG_SOURCES_NAME
 from lime_jax.data import cache as cache_lib
 from lime_jax.data import loader
@@ -226,7 +225,6 @@ def run(train_cfg: TrainConfig, data: DataConfig, eval_cfg: EvalConfig, ckpt_cfg
     preemption would.
     """
     t_start = time.perf_counter()
-    host_memory.keep_freed_memory()  # before JAX's CPU client starts, where `lime-jax` did not already
     if train_cfg.compilation_cache_dir:
         profiling.use_compilation_cache(train_cfg.compilation_cache_dir)  # before anything compiles
     # Flags, JAX_* variables or a cluster launcher make this one of several processes.
