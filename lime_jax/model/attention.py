@@ -65,8 +65,7 @@ def reference(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1x1xLxS) -> jax.Array:
 def check_packed_support(impl: str, seq_len: int | None = None) -> None:
     """Raises unless `impl` can attend within packed documents (training batches always are) of
     `seq_len` on this backend: what the first trace would find, said before any data or state."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    _check_impl(impl)
     if impl == "cudnn":
         raise ValueError(CUDNN_PACKED_ERROR)
     if impl != "xla":
@@ -84,8 +83,7 @@ def packed(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, impl: str = "xla", 
     keeps them from seeing it); only the unused outputs at the padding differ. `interpret=True`
     emulates the kernel (Pallas interpret mode; cuDNN's call on XLA); None: only on CPU.
     """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    _check_impl(impl)
     B, L, N, H = q_BxLxNxH.shape
     if k_BxLxKxH.shape[1] != L:
         raise ValueError(f"packed attention needs as many keys as queries, got L={L}, S={k_BxLxKxH.shape[1]}")
@@ -108,9 +106,13 @@ def packed(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, impl: str = "xla", 
 def runs_natively(impl: str, backend: str | None = None) -> bool:
     """Whether `impl` runs compiled on `backend` (default `jax.default_backend()`): "xla"
     everywhere, each kernel on its own platform only (elsewhere it is emulated, or refused)."""
+    _check_impl(impl)
+    return impl == "xla" or _PLATFORM[impl] == (backend or jax.default_backend())
+
+
+def _check_impl(impl: str) -> None:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    return impl == "xla" or _PLATFORM[impl] == (backend or jax.default_backend())
 
 
 def _emulate(impl: str) -> bool:

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lime_jax.model import attention, sharding
-from lime_jax.model.config import ModelConfig
+from lime_jax.model.config import REMAT_POLICIES, ModelConfig
 from lime_jax.model.embed import LimeEmbed
 from lime_jax.model.heads import TagHeads
 
@@ -83,8 +83,7 @@ def remat_policy(name: str):
         return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
     if name in REMAT_SAVED_NAMES:
         return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_NAMES[name])
-    raise ValueError(f"ModelConfig.remat_policy must be one of {('none', 'full', 'minimal', *REMAT_SAVED_NAMES)}, "
-                     f"got {name!r}")
+    raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {name!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -238,10 +237,6 @@ def apply_blocks(blocks: nnx.List | Block, cfg: ModelConfig, rules: sharding.Rul
         return x_BxLxD, dataclasses.replace(cache, k_YxBxSxKxH=k, v_YxBxSxKxH=v)
 
     policy = remat_policy(cfg.remat_policy)
-    if policy is None and not cfg.scan_layers:
-        for block in blocks:
-            x_BxLxD, _ = layer(block, x_BxLxD, None)
-        return x_BxLxD
 
     def apply_state(graphdef, layer_state, x_BxLxD):
         return layer(nnx.merge(graphdef, layer_state), x_BxLxD, None)[0]
