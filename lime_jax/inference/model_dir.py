@@ -138,7 +138,7 @@ def inference_attention(impl: str, backend: str | None = None) -> str:
     return impl if impl != "cudnn" and attention.runs_natively(impl, backend) else "xla"
 
 
-def inference_mesh(run: RunConfig, devices=None):
+def inference_mesh(run: RunConfig, devices=None, abstract=None):
     """The mesh a run's parameters are restored onto, over `devices` (default: this process's).
 
     The run's `TrainConfig.mesh_shape` when it covers the devices here (its -1 filled in), so
@@ -162,7 +162,8 @@ def inference_mesh(run: RunConfig, devices=None):
         t = math.gcd(max(tensor, 1), n)
         f = math.gcd(max(fsdp, 1), n // t)
         shape = (n // (t * f), f, t)
-    _, abstract = abstract_model(run.cfg, run.rules)
+    if abstract is None:
+        _, abstract = abstract_model(run.cfg, run.rules)
     error = _shard_error(abstract, shape, run.rules)
     if error is not None:
         # Divisors of the training sizes split what those split; a -1 was the training device count.
@@ -210,10 +211,6 @@ class Placement:
     batch_sharding: Any = None
 
 
-def _spec_axes(spec) -> set[str]:
-    return {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
-
-
 @dataclasses.dataclass
 class LoadedModel:
     """A restored run: `model`'s parameters live on `mesh`, sharded by the run's rules."""
@@ -234,8 +231,11 @@ class LoadedModel:
         from flax import nnx
         from jax.sharding import Mesh
 
+        from lime_jax.model import sharding
+
         mesh = self.mesh
-        used = set().union(*(_spec_axes(x.sharding.spec) for x in jax.tree.leaves(nnx.state(self.model))))
+        used = set().union(*(sharding.mesh_axes(axes) for x in jax.tree.leaves(nnx.state(self.model))
+                             for axes in x.sharding.spec))
         if all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in used):
             return mesh
         index = tuple(slice(None) if a in used else slice(0, 1) for a in mesh.axis_names)
@@ -376,8 +376,8 @@ def load(model_dir: epath.PathLike, step: int | None = None, cache_dir: str | No
         raise ModelDirError(f"{model_dir}: no checkpoint (expected step directories under {ckpt_dir}); "
                             "train the model first or point --model_dir at a trained run")
     found_cache, manifest = find_cache(run, cache_dir)
-    mesh = inference_mesh(run) if mesh is None else mesh
     graphdef, abstract = abstract_model(run.cfg, run.rules)
+    mesh = inference_mesh(run, abstract=abstract) if mesh is None else mesh
     try:
         shardings = sharding.state_shardings(abstract, mesh, run.rules)
     except ValueError as e:

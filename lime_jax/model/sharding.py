@@ -52,7 +52,7 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def _mesh_axes(axes: MeshAxes) -> tuple[str, ...]:
+def mesh_axes(axes: MeshAxes) -> tuple[str, ...]:
     """A rule's mesh axes as a tuple: None -> (), "fsdp" -> ("fsdp",)."""
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
@@ -71,7 +71,7 @@ def validate_rules(rules: Rules | Mapping[str, MeshAxes]) -> Rules:
         if name in seen:
             raise ValueError(f"sharding rules: logical axis {name!r} appears twice")
         seen.add(name)
-        axes_t = _mesh_axes(axes)
+        axes_t = mesh_axes(axes)
         for a in axes_t:
             if a not in MESH_AXES:
                 raise ValueError(
@@ -116,7 +116,7 @@ def logical_to_pspec(
         if name not in LOGICAL_AXES:
             raise ValueError(f"unknown logical axis name {name!r}; known: {LOGICAL_AXES}")
         axes = table.get(name)
-        axes_t = _mesh_axes(axes)
+        axes_t = mesh_axes(axes)
         for a in axes_t:
             if a in owner:
                 raise ValueError(f"sharding rules map logical axes {owner[a]!r} and {name!r} of "
@@ -227,7 +227,7 @@ def make_mesh(shape: Sequence[int], dcn_shape: Sequence[int] | None = None,
 
 def axis_size(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: Rules, name: str) -> int:
     """How many ways the rules split logical axis `name` on `mesh` (e.g. "batch": data x fsdp)."""
-    return math.prod(mesh.shape[a] for a in _mesh_axes(dict(rules).get(name)))
+    return math.prod(mesh.shape[a] for a in mesh_axes(dict(rules).get(name)))
 
 
 def is_variable(x: Any) -> bool:
