@@ -28,9 +28,7 @@ def cache_dir(tmp_path_factory):
         tags = np.stack([NUM_RESERVED_TAGS + toks % 50, NUM_RESERVED_TAGS + toks % 37])
         tags[:, -1] = EOS_TAG_ID
         docs.append(np.concatenate([toks[None], tags]).astype(np.int32))
-    cache.write_manifest(out, {
-        "format": cache.FORMAT, "features": list(cache.DEFAULT_FEATURES), "shards": [cache.write_shard(out, 0, docs)],
-        "vocab_sizes": {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40}})
+    cache.write_cache(out, docs, {"targets": VOCAB, "targets_pos": 53, "targets_ner": 40})
     return out
 
 
