@@ -40,8 +40,12 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get(OPT_OUT_ENV, "").lower() == "system":
+    choice = os.environ.get(OPT_OUT_ENV, "").strip().lower()
+    if choice == "system":
         return False
+    if choice:
+        log.warning("%s=%r: the only setting is 'system' (glibc's defaults); setting the host allocator "
+                    "policy", OPT_OUT_ENV, os.environ[OPT_OUT_ENV])
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False  # other allocators (musl, macOS) have neither the problem's cause nor mallopt
     if not jax_computes_on_cpu():

@@ -60,3 +60,13 @@ def test_cli_sets_it_for_jax_subcommands_only():
     assert cli.JAX_COMMANDS < set(cli.COMMANDS)
     assert {"train", "eval", "generate", "quickstart"} <= cli.JAX_COMMANDS
     assert not {"spm-train", "annotate", "show", "verify-cache"} & cli.JAX_COMMANDS
+
+
+def test_a_misspelt_opt_out_is_named(monkeypatch, caplog):
+    from lime_jax import host_memory
+
+    monkeypatch.setattr(host_memory, "_applied", False)  # whatever earlier tests in this process did
+    monkeypatch.setenv("LIME_JAX_HOST_MALLOC", "sytem")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # stops before mallopt: this process keeps its allocator
+    assert host_memory.keep_freed_memory() is False
+    assert "LIME_JAX_HOST_MALLOC='sytem': the only setting is 'system'" in caplog.text
